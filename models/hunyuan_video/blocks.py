@@ -1,0 +1,175 @@
+"""Transformer blocks of the HunyuanVideo DiT: token refiner, double- and single-stream blocks.
+
+Every block is per-token except its attention, which goes through the joint-attention callable
+passed in at call time (see models/attention.py), so sequence parallelism never touches this file.
+Layouts: image tokens `[B, S, C]` (S may be a shard), text tokens `[B, L, C]` (always whole),
+vec `[B, C]`, RoPE cos/sin `[S, head_dim]` for exactly the image tokens given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..attention import JointAttention, text_valid_mask
+from .config import HunyuanVideoConfig
+from .layers import (
+    MLP,
+    Modulation,
+    RMSNorm,
+    TextProjection,
+    TimestepEmbedder,
+    gate,
+    layer_norm,
+    modulate,
+)
+from .rope import apply_rope
+
+
+def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`[B, S, 3*H*D]` -> q, k, v each `[B, S, H, D]` (q, k, v outermost, as the release)."""
+    return rearrange(qkv, "b s (k h d) -> k b s h d", k=3, h=heads).unbind(0)
+
+
+class RefinerBlock(nn.Module):
+    """One block of the text token refiner: self-attention over text only, gated, SiLU MLP."""
+
+    def __init__(self, cfg: HunyuanVideoConfig):
+        super().__init__()
+        c, self.heads = cfg.hidden_size, cfg.num_heads
+        self.norm1 = nn.LayerNorm(c, eps=cfg.norm_eps)
+        self.self_attn_qkv = nn.Linear(c, 3 * c)
+        self.self_attn_proj = nn.Linear(c, c)
+        self.norm2 = nn.LayerNorm(c, eps=cfg.norm_eps)
+        self.mlp = MLP(c, cfg.mlp_hidden, nn.SiLU())
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c, 2 * c))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """x `[B, L, C]`, c `[B, C]`, key_valid `[B, L]` bool."""
+        gate_msa, gate_mlp = self.adaLN_modulation(c).chunk(2, dim=-1)
+        q, k, v = _split_heads(self.self_attn_qkv(self.norm1(x)), self.heads)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=key_valid[:, None, None, :],
+        ).transpose(1, 2)
+        x = x + gate(self.self_attn_proj(attn.flatten(2)), gate_msa)
+        return x + gate(self.mlp(self.norm2(x)), gate_mlp)
+
+
+class TokenRefiner(nn.Module):
+    """`txt_in`: projects LLM states to the model width and refines them, conditioned on the
+    timestep and the mask-averaged text (the release's SingleTokenRefiner)."""
+
+    def __init__(self, cfg: HunyuanVideoConfig):
+        super().__init__()
+        c = cfg.hidden_size
+        self.input_embedder = nn.Linear(cfg.text_states_dim, c)
+        self.t_embedder = TimestepEmbedder(c)
+        self.c_embedder = TextProjection(cfg.text_states_dim, c)
+        self.individual_token_refiner = nn.Module()
+        self.individual_token_refiner.blocks = nn.ModuleList(
+            RefinerBlock(cfg) for _ in range(cfg.refiner_depth)
+        )
+
+    def forward(self, txt: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """txt `[B, L, text_states_dim]`, t `[B]`, valid `[B, L]` bool -> `[B, L, C]`."""
+        w = valid.to(txt.dtype).unsqueeze(-1)
+        pooled = (txt * w).sum(1) / w.sum(1).clamp_min(1)
+        c = self.t_embedder(t) + self.c_embedder(pooled)
+        x = self.input_embedder(txt)
+        # The release always lets every query see key 0, so an empty prompt cannot give NaN.
+        key_valid = valid.clone()
+        key_valid[:, 0] = True
+        for block in self.individual_token_refiner.blocks:
+            x = block(x, c, key_valid)
+        return x
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights for image and text tokens, one joint attention over both."""
+
+    def __init__(self, cfg: HunyuanVideoConfig):
+        super().__init__()
+        c, d = cfg.hidden_size, cfg.head_dim
+        self.heads, self.eps = cfg.num_heads, cfg.norm_eps
+        for s in ("img", "txt"):
+            setattr(self, f"{s}_mod", Modulation(c, 6))
+            setattr(self, f"{s}_attn_qkv", nn.Linear(c, 3 * c))
+            setattr(self, f"{s}_attn_q_norm", RMSNorm(d, cfg.norm_eps))
+            setattr(self, f"{s}_attn_k_norm", RMSNorm(d, cfg.norm_eps))
+            setattr(self, f"{s}_attn_proj", nn.Linear(c, c))
+            setattr(self, f"{s}_mlp", MLP(c, cfg.mlp_hidden, nn.GELU(approximate="tanh")))
+
+    def _qkv(self, stream: str, x: torch.Tensor, shift, scale):
+        q, k, v = _split_heads(getattr(self, f"{stream}_attn_qkv")(modulate(layer_norm(x, self.eps), shift, scale)), self.heads)
+        q = getattr(self, f"{stream}_attn_q_norm")(q).to(v.dtype)
+        k = getattr(self, f"{stream}_attn_k_norm")(k).to(v.dtype)
+        return q, k, v
+
+    def _finish(self, stream: str, x, attn, mod) -> torch.Tensor:
+        _, _, gate1, shift2, scale2, gate2 = mod
+        x = x + gate(getattr(self, f"{stream}_attn_proj")(attn.flatten(2)), gate1)
+        mlp_in = modulate(layer_norm(x, self.eps), shift2, scale2)
+        return x + gate(getattr(self, f"{stream}_mlp")(mlp_in), gate2)
+
+    def forward(self, img, txt, vec, cos, sin, txt_lens, attention: JointAttention):
+        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+        img_q, img_k, img_v = self._qkv("img", img, img_mod[0], img_mod[1])
+        txt_q, txt_k, txt_v = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
+        img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
+        img_attn, txt_attn = attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens)
+        return self._finish("img", img, img_attn, img_mod), self._finish("txt", txt, txt_attn, txt_mod)
+
+
+class SingleStreamBlock(nn.Module):
+    """Shared weights over [image, text] tokens; attention and MLP computed in parallel from one
+    input projection (`linear1` -> q, k, v, mlp) and fused back by `linear2`."""
+
+    def __init__(self, cfg: HunyuanVideoConfig):
+        super().__init__()
+        c, d = cfg.hidden_size, cfg.head_dim
+        self.heads, self.eps, self.hidden, self.mlp_hidden = cfg.num_heads, cfg.norm_eps, c, cfg.mlp_hidden
+        self.linear1 = nn.Linear(c, 3 * c + cfg.mlp_hidden)
+        self.linear2 = nn.Linear(c + cfg.mlp_hidden, c)
+        self.q_norm = RMSNorm(d, cfg.norm_eps)
+        self.k_norm = RMSNorm(d, cfg.norm_eps)
+        self.modulation = Modulation(c, 3)
+
+    def forward(self, img, txt, vec, cos, sin, txt_lens, attention: JointAttention):
+        """Image and text stay separate tensors here (same math as the release's concatenation),
+        so that a shard of image tokens never has to be joined with the whole text."""
+        shift, scale, g = self.modulation(vec)
+        outs = []
+        qkv_parts, mlp_parts = [], []
+        for x in (img, txt):
+            h = self.linear1(modulate(layer_norm(x, self.eps), shift, scale))
+            qkv, mlp = h.split([3 * self.hidden, self.mlp_hidden], dim=-1)
+            q, k, v = _split_heads(qkv, self.heads)
+            qkv_parts.append((self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype), v))
+            mlp_parts.append(mlp)
+        (img_q, img_k, img_v), (txt_q, txt_k, txt_v) = qkv_parts
+        img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
+        attns = attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens)
+        for x, attn, mlp in zip((img, txt), attns, mlp_parts):
+            fused = torch.cat([attn.flatten(2), F.gelu(mlp, approximate="tanh")], dim=-1)
+            outs.append(x + gate(self.linear2(fused), g))
+        return outs[0], outs[1]
+
+
+class FinalLayer(nn.Module):
+    """Norm, modulate (shift, scale), project to patch features `[B, S, C_out*pt*ph*pw]`."""
+
+    def __init__(self, cfg: HunyuanVideoConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.linear = nn.Linear(cfg.hidden_size, cfg.patch_dim_out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(modulate(layer_norm(x, self.eps), shift, scale))
+
+
+__all__ = ["TokenRefiner", "DoubleStreamBlock", "SingleStreamBlock", "FinalLayer", "text_valid_mask"]

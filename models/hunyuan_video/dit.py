@@ -1,0 +1,105 @@
+"""The HunyuanVideo diffusion transformer (HYVideo-T/2-cfgdistill) on patchified tokens.
+
+Tokens in, tokens out: `forward` takes image tokens already patchified (`[B, S, C*pt*ph*pw]`,
+t-major then h then w, C outermost within a token) with the RoPE rows of exactly those tokens, and
+returns tokens of the same layout. `patchify`, `unpatchify` and `rope_table` are separate, so a
+sequence-parallel shard is just a slice of the tokens and of the RoPE rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..attention import JointAttention, sdpa_joint_attention, text_valid_mask
+from .blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock, TokenRefiner
+from .config import HunyuanVideoConfig
+from .layers import MLPEmbedder, PatchEmbed, TimestepEmbedder
+from .rope import rope_table
+
+
+def patchify(latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """`[B, C, T, H, W]` -> `[B, T/pt * H/ph * W/pw, C*pt*ph*pw]` (t-major tokens, C outermost)."""
+    pt, ph, pw = patch_size
+    return rearrange(
+        latents, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw
+    )
+
+
+def unpatchify(
+    tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]
+) -> torch.Tensor:
+    """Inverse of `patchify`: `[B, T'*H'*W', C*pt*ph*pw]` -> `[B, C, T'*pt, H'*ph, W'*pw]`."""
+    (t, h, w), (pt, ph, pw) = grid, patch_size
+    return rearrange(
+        tokens, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw
+    )
+
+
+class HunyuanVideoDiT(nn.Module):
+    """The DiT. Module names and parameter shapes are exactly the release's state-dict keys."""
+
+    def __init__(self, cfg: HunyuanVideoConfig, attention: JointAttention | None = None):
+        super().__init__()
+        self.config = cfg
+        c = cfg.hidden_size
+        self.img_in = PatchEmbed(cfg.in_channels, cfg.patch_size, c)
+        self.txt_in = TokenRefiner(cfg)
+        self.time_in = TimestepEmbedder(c)
+        self.vector_in = MLPEmbedder(cfg.pooled_dim, c)
+        self.guidance_in = TimestepEmbedder(c) if cfg.guidance_embed else None
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth_double))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.final_layer = FinalLayer(cfg)
+        self.set_attention(attention or sdpa_joint_attention)
+
+    def set_attention(self, attention: JointAttention) -> None:
+        """Swap the joint attention every block uses (kept out of the module tree on purpose:
+        a parallel attention object must not appear in `state_dict` or `.to()`)."""
+        self.__dict__["_attention"] = attention
+
+    @property
+    def attention(self) -> JointAttention:
+        return self.__dict__["_attention"]
+
+    def rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin `[T'*H'*W', head_dim]` (fp32) for a token grid."""
+        return rope_table(grid, self.config.rope_axes_dim, self.config.rope_theta)
+
+    def conditioning(self, timestep, pooled, guidance) -> torch.Tensor:
+        """vec `[B, C]` = time + pooled-text (+ guidance) embeddings."""
+        vec = self.time_in(timestep) + self.vector_in(pooled)
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this DiT embeds guidance: pass guidance (scale x 1000) per item")
+            vec = vec + self.guidance_in(guidance)
+        return vec
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        txt: torch.Tensor,
+        txt_mask: torch.Tensor,
+        timestep: torch.Tensor,
+        pooled: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """img `[B, S, C_in*pt*ph*pw]`, rope_cos/sin `[S, head_dim]`, txt `[B, L, text_dim]`,
+        txt_mask `[B, L]` (valid tokens first), timestep `[B]` (sigma x 1000), pooled
+        `[B, pooled_dim]`, guidance `[B]` (scale x 1000) -> `[B, S, C_out*pt*ph*pw]`."""
+        dtype = self.final_layer.linear.weight.dtype
+        valid = txt_mask.bool()
+        txt_lens = valid.sum(1)
+        vec = self.conditioning(timestep, pooled.to(dtype), guidance)
+        x = self.img_in(img.to(dtype))
+        t = self.txt_in(txt.to(dtype), timestep, valid)
+        rope_cos, rope_sin = rope_cos.to(img.device), rope_sin.to(img.device)
+        for block in (*self.double_blocks, *self.single_blocks):
+            x, t = block(x, t, vec, rope_cos, rope_sin, txt_lens, self.attention)
+        return self.final_layer(x, vec)
+
+
+__all__ = ["HunyuanVideoDiT", "patchify", "unpatchify", "text_valid_mask"]

@@ -1,0 +1,164 @@
+"""Reading checkpoints (torch pickles memory-mapped, safetensors) and loading them strictly.
+
+Memory-mapping matters under torchrun: N ranks on one node map the same file and share its pages
+in the OS cache instead of each holding a private copy in host RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+# Where the release and diffusers put the DiT inside a model directory, in search order.
+_DIR_CANDIDATES = (
+    "transformers/mp_rank_00_model_states.pt",
+    "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt",
+    "mp_rank_00_model_states.pt",
+    "transformer",
+)
+_WRAPPER_KEYS = ("module", "ema", "state_dict", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model."""
+
+
+def resolve_checkpoint(path: str | Path) -> list[Path]:
+    """The weight files behind `path`: a file, a diffusers folder (sharded safetensors with an
+    index), or a model directory laid out like the release (`transformers/mp_rank_00_...pt`)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    files = sorted(path.glob("*" + SAFETENSORS_SUFFIX))
+    if files:
+        return files
+    for rel in _DIR_CANDIDATES:
+        if (path / rel).exists():
+            return resolve_checkpoint(path / rel)
+    raise CheckpointError(
+        f"no DiT weights found in {path}: expected *.safetensors, a safetensors index, or one of "
+        + ", ".join(_DIR_CANDIDATES)
+    )
+
+
+def _read_pickle(path: Path) -> StateDict:
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise CheckpointError(f"{path}: cannot read torch checkpoint: {err}") from err
+        # Pre-1.6 (non-zip) pickles cannot be memory-mapped; read them whole.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt or non-torch file: say which file
+        raise CheckpointError(f"{path}: cannot read torch checkpoint: {err}") from err
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict (or one under 'module'/'ema'/'state_dict')")
+    return obj
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")  # safetensors memory-maps the file itself
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read safetensors file: {err}") from err
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """All tensors of the checkpoint at `path` (see `resolve_checkpoint`), on the CPU."""
+    out: StateDict = {}
+    for file in resolve_checkpoint(path):
+        suffix = file.suffix.lower()
+        if suffix == SAFETENSORS_SUFFIX:
+            out.update(_read_safetensors(file))
+        elif suffix in PICKLE_SUFFIXES:
+            out.update(_read_pickle(file))
+        else:
+            raise CheckpointError(
+                f"{file}: unknown checkpoint file type {suffix!r}; supported: "
+                + ", ".join((*PICKLE_SUFFIXES, SAFETENSORS_SUFFIX))
+            )
+    return out
+
+
+def _first(items: list, n: int = 5) -> str:
+    head = ", ".join(str(i) for i in items[:n])
+    return head + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def check_state_dict(model: nn.Module, sd: StateDict, source: str) -> None:
+    """Raise CheckpointError naming the first missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} (model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    fp8 = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_first(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_first(wrong)}")
+    if fp8 and not problems:
+        problems.append(f"float8 tensors need their scale map, which this loader does not read: {_first(fp8)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+@torch.no_grad()
+def assign_state_dict(model: nn.Module, sd: StateDict) -> None:
+    """Put checked tensors into the model: a model on the meta device takes them as they are
+    (memory-mapped, cast only if its dtype differs); a materialised one copies them in."""
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    if any(p.is_meta for p in params.values()):
+        cast = {k: sd[k].to(params[k].dtype) for k in params}
+        model.load_state_dict(cast, strict=True, assign=True)
+    else:
+        for k, p in params.items():
+            p.copy_(sd[k])
+
+
+@torch.no_grad()
+def init_random_(model: nn.Module, seed: int) -> nn.Module:
+    """Seeded random weights, independent of parameter creation order and of other RNG use.
+
+    Each parameter draws from its own generator seeded by (seed, name), so the same seed gives the
+    same weights on every rank of the same device type. Matrices: U(+-1/sqrt(fan_in)) as
+    nn.Linear; norm weights 1 and norm biases 0; other vectors U(+-0.02).
+    """
+    for name, p in model.named_parameters():
+        gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if p.ndim == 1 and "norm" in name:
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+            continue
+        bound = (p[0].numel() ** -0.5) if p.ndim > 1 else 0.02
+        tmp = torch.empty(p.shape, device=p.device, dtype=torch.float32)
+        tmp.uniform_(-bound, bound, generator=gen)
+        p.copy_(tmp)
+    return model
