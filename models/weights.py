@@ -55,16 +55,22 @@ def resolve_checkpoint(path: str | Path) -> list[Path]:
     )
 
 
+def _load_pickle(path: Path, mmap: bool):
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as err:  # corrupt or not a torch file: say which file
+        if mmap and "mmap" in str(err):
+            raise  # a pre-1.6 (non-zip) pickle: the caller retries without mmap
+        raise CheckpointError(f"{path}: cannot read torch checkpoint: {err}") from err
+
+
 def _read_pickle(path: Path) -> StateDict:
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise CheckpointError(f"{path}: cannot read torch checkpoint: {err}") from err
-        # Pre-1.6 (non-zip) pickles cannot be memory-mapped; read them whole.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a corrupt or non-torch file: say which file
-        raise CheckpointError(f"{path}: cannot read torch checkpoint: {err}") from err
+        obj = _load_pickle(path, mmap=True)
+    except CheckpointError:
+        raise
+    except Exception:
+        obj = _load_pickle(path, mmap=False)  # non-zip pickles cannot be mapped; read them whole
     for key in _WRAPPER_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
