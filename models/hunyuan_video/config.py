@@ -31,6 +31,7 @@ class HunyuanVideoConfig:
     # Latent geometry of the VAE this DiT was trained with (4x temporal, 8x spatial).
     vae_temporal_ratio: int = 4
     vae_spatial_ratio: int = 8
+    vae_preset: str = "hunyuan-video"  # models.hunyuan_video.vae.VAE_PRESETS key, for random weights
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +95,7 @@ PRESETS: dict[str, HunyuanVideoConfig] = {
             rope_axes_dim=(4, 6, 6),
             text_states_dim=64,
             pooled_dim=32,
+            vae_preset="tiny",
         ),
         # The release's width and heads with few blocks: real per-block cost on a GPU.
         HunyuanVideoConfig(name="hunyuan-video-2block", depth_double=1, depth_single=1),

@@ -1,0 +1,28 @@
+"""Entry point: `python -m launcher generate ...`, also under `torchrun ... -m launcher`."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import build_parser, run_config_from_args
+from .config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            from .pipeline import run_generate
+
+            cfg = run_config_from_args(args)
+            for out in run_generate(cfg):
+                print(out)
+            return 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Command-line interface: `python -m launcher <command> ...` (or under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="hunyuan-video-13b", help="DiT preset (see `models.list_presets()`)")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="release or diffusers folder with the weights; random weights when left out")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the text prompt")
+    src.add_argument("--prompts-file", type=Path, help="one prompt per line; each gets its own video")
+    p.add_argument("--size", help="HEIGHTxWIDTH in pixels, multiples of 16 (default: the preset's)")
+    p.add_argument("--frames", type=int, help="4n+1 frames (default: the preset's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--guidance", type=float, help="embedded guidance scale (default 6.0)")
+    p.add_argument("--flow-shift", type=float, help="flow-matching sigma shift (default 7.0)")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--save-latents", action="store_true", help="also write the final latents (.safetensors)")
+    p.add_argument("--save-grid", action="store_true", help="also write a PNG grid of frames")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--vae-tiling", default="auto", choices=("auto", "release", "small", "off"),
+                   help="VAE decode tiling: the release's tiles (auto), 17x16x16-latent tiles (small), or none")
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Arguments + the preset's defaults -> a validated RunConfig (raises ConfigError)."""
+    defaults = PRESET_DEFAULTS.get(args.preset)
+    if defaults is None:
+        from models import list_presets
+
+        raise ConfigError(f"--preset {args.preset!r} is unknown; valid: {', '.join(list_presets())}")
+    if args.prompts_file is not None:
+        prompts = read_prompts_file(args.prompts_file)
+    else:
+        prompts = (args.prompt,) if args.prompt is not None else ()
+    height, width = parse_size(args.size) if args.size else (defaults.height, defaults.width)
+    return RunConfig(
+        preset=args.preset,
+        model_dir=args.model_dir,
+        prompts=prompts,
+        height=height,
+        width=width,
+        frames=args.frames if args.frames is not None else defaults.frames,
+        steps=args.steps if args.steps is not None else defaults.steps,
+        seed=args.seed,
+        guidance=args.guidance if args.guidance is not None else defaults.guidance,
+        flow_shift=args.flow_shift if args.flow_shift is not None else defaults.flow_shift,
+        output_dir=args.output_dir,
+        dtype=args.dtype,
+        device=args.device,
+        save_latents=args.save_latents,
+        save_grid=args.save_grid,
+        overwrite=args.overwrite,
+        fps=args.fps,
+        vae_tiling=args.vae_tiling,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launcher", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_args(sub.add_parser("generate", help="text-to-video generation"))
+    return parser

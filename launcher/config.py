@@ -1,0 +1,128 @@
+"""RunConfig: what one `generate` job does, validated before any model or process group exists.
+
+Every rank builds the same RunConfig from the same arguments and runs the same checks, so bad
+input makes every rank exit with the same message instead of some ranks hanging in a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+VAE_TILINGS = ("auto", "release", "small", "off")
+SIZE_MULTIPLE = 16
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message says what is wrong and what would be valid."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresetDefaults:
+    height: int
+    width: int
+    frames: int
+    steps: int
+    flow_shift: float = 7.0
+    guidance: float = 6.0
+
+
+# What `generate` uses when a flag is left out, per DiT preset.
+PRESET_DEFAULTS = {
+    "hunyuan-video-13b": PresetDefaults(height=720, width=1280, frames=129, steps=50),
+    "hunyuan-video-2block": PresetDefaults(height=720, width=1280, frames=129, steps=50),
+    "tiny": PresetDefaults(height=64, width=96, frames=9, steps=4),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    preset: str
+    model_dir: Path | None
+    prompts: tuple[str, ...]
+    height: int
+    width: int
+    frames: int
+    steps: int
+    seed: int
+    guidance: float
+    flow_shift: float
+    output_dir: Path
+    dtype: str = "auto"
+    device: str = "auto"
+    save_latents: bool = False
+    save_grid: bool = False
+    overwrite: bool = False
+    fps: int = 24
+    vae_tiling: str = "auto"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _nearest_multiples(value: int, m: int) -> str:
+    lo = value // m * m
+    return f"{m}" if lo == 0 else f"{lo} or {lo + m}"
+
+
+def _nearest_frames(frames: int) -> str:
+    lo = max(1, (frames - 1) // 4 * 4 + 1)
+    return f"{lo} or {lo + 4}" if frames > 1 else "1 or 5"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'720x1280' -> (height, width)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"--size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 720x1280")
+    return int(parts[0]), int(parts[1])
+
+
+def validate(cfg: RunConfig) -> None:
+    """All checks on a RunConfig; raises ConfigError with one clear message."""
+    from models import list_presets
+
+    if cfg.preset not in list_presets():
+        raise ConfigError(f"--preset {cfg.preset!r} is unknown; valid: {', '.join(list_presets())}")
+    for name, v in (("height", cfg.height), ("width", cfg.width)):
+        if v <= 0 or v % SIZE_MULTIPLE:
+            raise ConfigError(
+                f"--size {cfg.height}x{cfg.width}: {name} {v} is not a positive multiple of "
+                f"{SIZE_MULTIPLE}; nearest valid {name}: {_nearest_multiples(max(v, 1), SIZE_MULTIPLE)}"
+            )
+    if cfg.frames < 1 or (cfg.frames - 1) % 4:
+        raise ConfigError(
+            f"--frames {cfg.frames}: the VAE needs 4n+1 frames; nearest valid: {_nearest_frames(cfg.frames)}"
+        )
+    if cfg.steps < 1:
+        raise ConfigError(f"--steps {cfg.steps}: must be at least 1")
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"--seed {cfg.seed}: must be in [0, 2^63)")
+    if cfg.flow_shift <= 0:
+        raise ConfigError(f"--flow-shift {cfg.flow_shift}: must be > 0")
+    if cfg.fps < 1:
+        raise ConfigError(f"--fps {cfg.fps}: must be >= 1")
+    if cfg.vae_tiling not in VAE_TILINGS:
+        raise ConfigError(f"--vae-tiling {cfg.vae_tiling!r}; valid: {', '.join(VAE_TILINGS)}")
+    if cfg.dtype not in ("auto", *DTYPES):
+        raise ConfigError(f"--dtype {cfg.dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"--device {cfg.device!r}; valid: {', '.join(DEVICES)}")
+    if not cfg.prompts or any(not p.strip() for p in cfg.prompts):
+        raise ConfigError("no prompt: give --prompt TEXT or --prompts-file FILE with one prompt per line")
+    if cfg.model_dir is not None and not cfg.model_dir.is_dir():
+        raise ConfigError(f"--model-dir {cfg.model_dir}: no such directory")
+
+
+def read_prompts_file(path: Path) -> tuple[str, ...]:
+    """One prompt per non-empty line; '#' starts a comment line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--prompts-file {path}: cannot read it ({err})") from err
+    prompts = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not prompts:
+        raise ConfigError(f"--prompts-file {path}: holds no prompts (one per line expected)")
+    return prompts
