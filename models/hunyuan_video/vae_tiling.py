@@ -77,10 +77,11 @@ def blend_(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> torc
         return cur
     shape = [1] * cur.ndim
     shape[dim] = n
-    w = (torch.arange(n, device=cur.device, dtype=torch.float32) / n).view(shape)
+    acc = torch.promote_types(cur.dtype, torch.float32)  # fp16/bf16 tiles blend in fp32
+    w = (torch.arange(n, device=cur.device, dtype=acc) / n).view(shape)
     head = cur.narrow(dim, 0, n)
     tail = prev.narrow(dim, prev.shape[dim] - n, n)
-    head.copy_(tail.float() * (1 - w) + head.float() * w)
+    head.copy_(tail.to(acc) * (1 - w) + head.to(acc) * w)
     return cur
 
 
