@@ -217,7 +217,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def check_state_dict(model: nn.Module, sd: dict, source: str | Path, show: int = 3) -> None:
+def check_state_dict(model: nn.Module, sd: dict, source: str | Path, config_source: str = "its config", show: int = 3) -> None:
     """Raise VAECheckpointError naming the first `show` missing, unexpected and mis-shaped keys."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in sd]
@@ -233,7 +233,7 @@ def check_state_dict(model: nn.Module, sd: dict, source: str | Path, show: int =
         if keys
     ]
     if problems:
-        raise VAECheckpointError(f"{source}: does not match the VAE config: " + "; ".join(problems))
+        raise VAECheckpointError(f"{source}: does not match the VAE built from {config_source}: " + "; ".join(problems))
 
 
 def load_vae(
@@ -250,10 +250,11 @@ def load_vae(
     """
     weights, config_json = find_vae_files(path_or_dir)
     cfg = config or (config_from_json(config_json) if config_json else VAEConfig())
+    cfg_source = "the config argument" if config else str(config_json or "the release defaults (no config.json)")
     sd = read_state_dict(weights)
     with torch.device("meta"):
         model = HunyuanVideoVAE(cfg)
-    check_state_dict(model, sd, weights)
+    check_state_dict(model, sd, weights, cfg_source)
     model.load_state_dict(sd, strict=True, assign=True)  # adopts the (mmapped) tensors: no 2nd copy
     dtype = dtype or next(iter(sd.values())).dtype
     return model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
