@@ -1,0 +1,208 @@
+"""Hybrid Ulysses x Ring joint attention with the model's contract (DESIGN.md):
+
+    attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens) -> (img_out, txt_out)
+
+Image tensors ``[B, C, H, D]`` are this rank's shard of the sequence (``parallel/sequence.py``
+layout: SP rank s holds padded positions [s*C, (s+1)*C)); text tensors ``[B, L, H, D]`` are whole
+and identical on every rank; ``txt_lens`` [B] counts each item's valid (leading) text tokens.
+Result: softmax over [all valid image tokens of all ranks, valid text tokens], scale
+1/sqrt(D), non-causal; ``img_out`` is this rank's shard, ``txt_out`` whole (identical on every
+rank) with padded text rows zero. Inference only (no autograd).
+
+Algorithm on SP group ring x ulysses (U, R):
+ 1. one all-to-all over the Ulysses group turns q, k, v from [B, C, H, D] into this rank's ring
+    chunk for H/U heads: [B, U*C, H/U, D]; text is sliced to the same heads locally.
+ 2. R == 1: one kernel call, image and text queries against [valid image keys, valid text keys].
+    R > 1: ring over the ring group (``parallel/ring.py``): K/V chunks travel by async P2P while
+    the kernel runs; partials merge by an fp32 log-sum-exp. Text queries attend to this rank's
+    chunk; the ring ranks' text partials merge by one all-gather.
+ 3. all-to-all back (heads -> sequence) for image output; all-gather of heads for text output.
+
+Padding never leaks: the number of valid image tokens ``n`` is known to the object
+(``num_valid_tokens=n`` at construction or :meth:`HybridAttention.set_valid_tokens`; ``None``
+means "no padding", n = C * P). Padding sits at the end of the last ring chunk(s), so each
+block attends to a prefix of its keys: no mask, and the fused kernels stay usable.
+
+Bad input (shapes, heads not divisible by ulysses, a shard length that does not match ``n``)
+raises ``ValueError`` before any collective. On the first call (``check_inputs="first"``, the
+default) the SP ranks also exchange their input signatures in one small collective, so an input
+that is wrong on one rank only makes *every* rank raise instead of hanging; ``"always"`` does this
+on every call (tests), ``"never"`` skips it (a later mismatch then surfaces as the process-group
+timeout).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .comm import gather_heads, heads_to_seq, seq_to_heads
+from .kernels import Kernel, select_kernel
+from .local import TextKV, local_joint_attention, text_valid_mask  # noqa: F401 - re-exported
+from .ring import fold_attention, merge_text_over_ring, ring_attention
+from .sequence import SequenceParallel, shard_length, valid_in_chunk
+
+CHECK_MODES = ("first", "always", "never")
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What one call computes, derived (and validated) from the inputs before any collective."""
+
+    batch: int
+    local_tokens: int  # C
+    heads: int
+    head_dim: int
+    txt_tokens: int  # L (0 without text)
+    txt_lens: tuple[int, ...]
+    n_valid: int
+    dtype: str
+
+    def chunk_valid(self, sp: SequenceParallel) -> tuple[int, ...]:
+        """Valid image tokens of each ring chunk (U*C tokens each)."""
+        chunk = sp.ulysses_size * self.local_tokens
+        return tuple(valid_in_chunk(self.n_valid, chunk, j) for j in range(sp.ring_size))
+
+
+def _shape_problems(img, txt, txt_lens) -> list[str]:
+    names = ("img_q", "img_k", "img_v")
+    problems = []
+    if any(t.dim() != 4 for t in img):
+        return [f"image q/k/v must be [B, tokens, heads, head_dim], got shapes {[tuple(t.shape) for t in img]}"]
+    if len({t.shape for t in img}) != 1 or len({t.dtype for t in img}) != 1:
+        problems.append("image q/k/v differ: " + ", ".join(f"{n} {tuple(t.shape)} {t.dtype}" for n, t in zip(names, img)))
+    b, _, h, d = img[0].shape
+    if txt is not None:
+        if any(t.dim() != 4 for t in txt) or len({t.shape for t in txt}) != 1:
+            problems.append(f"text q/k/v must share one [B, L, H, D] shape, got {[tuple(t.shape) for t in txt]}")
+        elif (txt[0].shape[0], txt[0].shape[2], txt[0].shape[3]) != (b, h, d) or txt[0].dtype != img[0].dtype:
+            problems.append(f"text {tuple(txt[0].shape)} {txt[0].dtype} does not match image [B={b}, H={h}, D={d}] {img[0].dtype}")
+    if txt_lens is not None and (txt_lens.dim() != 1 or txt_lens.shape[0] != b):
+        problems.append(f"txt_lens must be [B={b}], got {tuple(txt_lens.shape)}")
+    return problems
+
+
+def check_inputs(img, txt, txt_lens, sp: SequenceParallel, n_valid: int | None) -> tuple[CallPlan | None, str | None]:
+    """Validate one call's inputs locally; returns (plan, None) or (None, why)."""
+    problems = _shape_problems(img, txt, txt_lens)
+    if problems:
+        return None, "; ".join(problems)
+    b, c, h, d = img[0].shape
+    length = txt[0].shape[1] if txt is not None else 0
+    lens = tuple(int(x) for x in txt_lens.tolist()) if txt_lens is not None and txt is not None else (length,) * b
+    n = c * sp.sp_size if n_valid is None else n_valid
+    if h % sp.ulysses_size:
+        problems.append(f"ulysses {sp.ulysses_size} does not divide {h} heads")
+    if any(x < 0 or x > length for x in lens):
+        problems.append(f"txt_lens {list(lens)} must lie in [0, {length}]")
+    if n < 1 or shard_length(n, sp.sp_size) != c:
+        problems.append(
+            f"image shard has {c} tokens, but {n} valid tokens over {sp.sp_size} ranks need "
+            f"{shard_length(max(n, 1), sp.sp_size)} per rank (see parallel/sequence.py)"
+        )
+    if problems:
+        return None, "; ".join(problems)
+    return CallPlan(batch=b, local_tokens=c, heads=h, head_dim=d, txt_tokens=length, txt_lens=lens, n_valid=n, dtype=str(img[0].dtype)), None
+
+
+def agree_across_ranks(plan: CallPlan | None, error: str | None, sp: SequenceParallel) -> None:
+    """One small collective over the SP group: every rank raises if any rank's input is bad or
+    the ranks' inputs disagree (text and valid counts must be identical everywhere)."""
+    reports = [None] * sp.sp_size
+    dist.all_gather_object(reports, (plan, error), group=sp.sp_group)
+    bad = [f"SP rank {r}: {e}" for r, (_, e) in enumerate(reports) if e is not None]
+    if bad:
+        raise ValueError("bad attention input: " + "; ".join(bad))
+    if len({p for p, _ in reports}) != 1:
+        listing = "; ".join(f"SP rank {r}: {p}" for r, (p, _) in enumerate(reports))
+        raise ValueError(f"attention inputs differ across SP ranks: {listing}")
+
+
+class HybridAttention:
+    """Joint attention over Ulysses x Ring sequence parallel (see the module docstring).
+
+    ``sp``: this rank's :class:`SequenceParallel` (``SequenceParallel.from_mesh(mesh)``).
+    ``num_valid_tokens``: valid global image tokens (``None``: no padding).
+    ``kernel``: "auto" or a name from ``parallel.kernels.KERNELS``.
+    """
+
+    def __init__(
+        self,
+        sp: SequenceParallel,
+        *,
+        num_valid_tokens: int | None = None,
+        kernel: str = "auto",
+        check_inputs: str = "first",
+    ):
+        if check_inputs not in CHECK_MODES:
+            raise ValueError(f"check_inputs must be one of {CHECK_MODES}, got {check_inputs!r}")
+        self.sp = sp
+        self.kernel_name = kernel
+        self.check_mode = check_inputs
+        self.num_valid_tokens = num_valid_tokens
+        self._kernels: dict[tuple, tuple[str, Kernel]] = {}
+        self._calls = 0
+
+    def set_valid_tokens(self, n: int | None) -> None:
+        """Valid global image tokens for the following calls (``None``: no padding)."""
+        self.num_valid_tokens = n
+
+    def resolved_kernel(self, x: torch.Tensor) -> str:
+        """The kernel name this object uses for inputs like ``x`` [B, S, H, D]."""
+        return self._kernel(x)[0]
+
+    def _kernel(self, x: torch.Tensor) -> tuple[str, Kernel]:
+        key = (x.device, x.dtype, x.shape[-1])
+        if key not in self._kernels:
+            self._kernels[key] = select_kernel(self.kernel_name, x.device, x.dtype, x.shape[-1])
+        return self._kernels[key]
+
+    def _plan(self, img, txt, txt_lens) -> CallPlan:
+        plan, error = check_inputs(img, txt, txt_lens, self.sp, self.num_valid_tokens)
+        exchange = self.sp.sp_size > 1 and (self.check_mode == "always" or (self.check_mode == "first" and self._calls == 0))
+        self._calls += 1
+        if exchange:
+            agree_across_ranks(plan, error, self.sp)
+        elif error is not None:
+            raise ValueError(f"bad attention input: {error}")
+        return plan
+
+    @torch.no_grad()
+    def __call__(self, img_q, img_k, img_v, txt_q=None, txt_k=None, txt_v=None, txt_lens=None):
+        txt = None if txt_q is None else (txt_q, txt_k, txt_v)
+        plan = self._plan((img_q, img_k, img_v), txt, txt_lens)
+        _, kernel = self._kernel(img_q)
+        sp, scale = self.sp, 1.0 / math.sqrt(plan.head_dim)
+        u, r = sp.ulysses_size, sp.ring_size
+        if u > 1:
+            qkv = seq_to_heads((img_q, img_k, img_v), sp.ulysses_group, u)  # [3, B, U*C, H/U, D]
+            q, kv = qkv[0], qkv[1:]
+        else:
+            q, kv = img_q, None
+        hl = plan.heads // u
+        heads = slice(sp.ulysses_rank * hl, (sp.ulysses_rank + 1) * hl)
+        has_txt = plan.txt_tokens > 0
+        tq = txt_q[:, :, heads] if has_txt else None
+        text = TextKV(txt_k[:, :, heads], txt_v[:, :, heads], plan.txt_lens) if has_txt else None
+        chunk_valid = plan.chunk_valid(sp)
+        if r == 1:
+            k, v = (kv[0], kv[1]) if kv is not None else (img_k, img_v)
+            img_part, txt_part = fold_attention(q, k, v, tq, text, chunk_valid[0], kernel, scale)
+        else:
+            kv = kv if kv is not None else torch.stack((img_k, img_v))
+            img_part, partial = ring_attention(
+                q, kv, tq, text, chunk_valid=chunk_valid, group=sp.ring_group,
+                size=r, rank=sp.ring_rank, kernel=kernel, scale=scale,
+            )
+            txt_part = merge_text_over_ring(partial, sp.ring_group, r, q.dtype) if partial is not None else None
+        img_out = heads_to_seq(img_part, sp.ulysses_group, u) if u > 1 else img_part
+        if txt is None:
+            return img_out, None
+        if not has_txt:
+            return img_out, torch.zeros_like(txt_q)
+        txt_out = gather_heads(txt_part, sp.ulysses_group, u) if u > 1 else txt_part
+        valid = text_valid_mask(plan.txt_lens, plan.txt_tokens, device=txt_out.device)
+        return img_out, txt_out * valid[:, :, None, None].to(txt_out.dtype)

@@ -1,0 +1,275 @@
+"""Process groups and the device mesh: the only module that calls ``init_process_group``.
+
+Rank layout (row-major over the axes, ulysses innermost)::
+
+    rank = ((dp_i * cfg + cfg_i) * ring + ring_i) * ulysses + ulysses_i
+
+so the ranks of one Ulysses group are adjacent (0..U-1, U..2U-1, ...): with ``torchrun`` placing
+consecutive ranks on one node, the bandwidth-hungry all-to-alls stay on NVLink and only the ring's
+point-to-point passes (or dp / cfg, which never talk inside attention) cross nodes. The
+sequence-parallel (SP) group is ring x ulysses flattened, with
+
+    sp_rank = ring_i * ulysses + ulysses_i
+
+which is also the order of token shards (``parallel/sequence.py``): the U shards of one Ulysses
+group are contiguous in the sequence, so after the all-to-all each rank holds one contiguous ring
+chunk.
+
+Nothing here is stored at module level: :func:`build_parallel_mesh` returns a frozen
+:class:`ParallelMesh` that owns its groups, and :func:`teardown` ends the process group.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from .topology import Topology, TopologyError
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class MeshAxis(str, Enum):
+    """Mesh axes, declared outermost first (the order of :data:`MESH_AXES`)."""
+
+    DP = "dp"
+    CFG = "cfg"
+    RING = "ring"
+    ULYSSES = "ulysses"
+
+
+MESH_AXES: tuple[MeshAxis, ...] = (MeshAxis.DP, MeshAxis.CFG, MeshAxis.RING, MeshAxis.ULYSSES)
+SP_AXES: tuple[MeshAxis, ...] = (MeshAxis.RING, MeshAxis.ULYSSES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelDims:
+    """Degrees checked against the world size (torchtitan's ParallelDims, frozen)."""
+
+    dp: int = 1
+    cfg: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    world_size: int
+
+    def __post_init__(self) -> None:
+        topology = self.topology  # validates each degree
+        if topology.world_size != self.world_size:
+            raise TopologyError(
+                f"dp {self.dp} x cfg {self.cfg} x ring {self.ring} x ulysses {self.ulysses} = "
+                f"{topology.world_size}, but the world size is {self.world_size}"
+            )
+
+    @classmethod
+    def from_topology(cls, topology: Topology, world_size: int) -> "ParallelDims":
+        return cls(dp=topology.dp, cfg=topology.cfg, ring=topology.ring, ulysses=topology.ulysses, world_size=world_size)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(dp=self.dp, cfg=self.cfg, ring=self.ring, ulysses=self.ulysses)
+
+    @property
+    def sp(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.degree(a) for a in MESH_AXES)
+
+    def degree(self, axis: MeshAxis | str) -> int:
+        return getattr(self, MeshAxis(axis).value)
+
+    def coords(self, rank: int) -> dict[MeshAxis, int]:
+        """Position of a global rank on each axis."""
+        out = {}
+        for axis in reversed(MESH_AXES):
+            rank, out[axis] = divmod(rank, self.degree(axis))
+        return out
+
+    def group_ranks(self, axes: Sequence[MeshAxis | str]) -> list[list[int]]:
+        """Partition of all ranks into the groups spanned by ``axes`` (flattened in mesh order).
+
+        Each group lists global ranks in its own rank order (row-major over ``axes``)."""
+        axes = [MeshAxis(a) for a in axes]
+        grid = torch.arange(self.world_size).reshape(self.shape)
+        keep = [MESH_AXES.index(a) for a in axes]
+        rest = [i for i in range(len(MESH_AXES)) if i not in keep]
+        keep.sort()
+        flat = grid.permute(*rest, *keep).reshape(-1, _prod(self.degree(MESH_AXES[i]) for i in keep))
+        return flat.tolist()
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistInfo:
+    """What :func:`init_distributed` set up for this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    timeout: _dt.timedelta
+
+
+def _as_timedelta(timeout: float | _dt.timedelta) -> _dt.timedelta:
+    return timeout if isinstance(timeout, _dt.timedelta) else _dt.timedelta(seconds=float(timeout))
+
+
+def _pick_backend(backend: str | None, device_type: str) -> str:
+    if backend is not None:
+        return backend
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_distributed(
+    *,
+    backend: str | None = None,
+    device_type: str | None = None,
+    timeout: float | _dt.timedelta = DEFAULT_TIMEOUT_S,
+    init_method: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    local_rank: int | None = None,
+) -> DistInfo:
+    """Initialise the default process group (NCCL on CUDA, gloo on CPU) with a timeout.
+
+    - Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set): ``env://``.
+    - Explicit (tests): pass ``init_method`` (``file://...`` or ``tcp://...``), ``rank`` and
+      ``world_size``.
+    - Neither: a single process on an in-memory store, so one code path serves 1 GPU too.
+
+    The timeout applies to every collective of every group built by :func:`build_parallel_mesh`;
+    a rank that never arrives makes the others fail instead of hanging.
+    """
+    if dist.is_initialized():
+        raise RuntimeError("init_distributed: the default process group already exists")
+    timeout = _as_timedelta(timeout)
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = _pick_backend(backend, device_type)
+    env_rank = os.environ.get("RANK")
+    rank = int(rank if rank is not None else env_rank if env_rank is not None else 0)
+    world_size = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(local_rank if local_rank is not None else os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
+    kwargs = dict(backend=backend, timeout=timeout, rank=rank, world_size=world_size)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device  # eager NCCL init: sub-groups are split, not rebuilt
+    if init_method is None and env_rank is None and world_size == 1:
+        kwargs["store"] = dist.HashStore()
+    else:
+        kwargs["init_method"] = init_method or "env://"
+    dist.init_process_group(**kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend, device=device, timeout=timeout)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelMesh:
+    """The named (dp, cfg, ring, ulysses) mesh of this job and its process groups.
+
+    ``group(axis)`` gives one axis' group; ``group(*SP_AXES)`` the flattened sequence-parallel
+    group. Groups are created once, in the same order on every rank, with the job's timeout.
+    """
+
+    dims: ParallelDims
+    device_mesh: DeviceMesh
+    device: torch.device
+    rank: int
+    _groups: Mapping[tuple[MeshAxis, ...], dist.ProcessGroup] = field(repr=False)
+
+    def group(self, *axes: MeshAxis | str) -> dist.ProcessGroup:
+        key = tuple(MeshAxis(a) for a in axes)
+        if key not in self._groups:
+            known = [tuple(a.value for a in k) for k in self._groups]
+            raise KeyError(f"no process group for axes {[a.value for a in key]}; known: {known}")
+        return self._groups[key]
+
+    def size(self, axis: MeshAxis | str) -> int:
+        return self.dims.degree(axis)
+
+    def local_rank(self, axis: MeshAxis | str) -> int:
+        return self.dims.coords(self.rank)[MeshAxis(axis)]
+
+    def submesh(self, *axes: MeshAxis | str) -> DeviceMesh:
+        return self.device_mesh[tuple(MeshAxis(a).value for a in axes)]
+
+    @property
+    def sp_size(self) -> int:
+        return self.dims.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.local_rank(MeshAxis.RING) * self.dims.ulysses + self.local_rank(MeshAxis.ULYSSES)
+
+
+def _new_groups(dims: ParallelDims, axes: Sequence[MeshAxis], rank: int, timeout) -> dist.ProcessGroup:
+    """Create every group along ``axes`` (all ranks must call this in the same order) and
+    return the one holding ``rank``."""
+    mine = None
+    for ranks in dims.group_ranks(axes):
+        group = dist.new_group(ranks=ranks, timeout=timeout)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def build_parallel_mesh(
+    dims: ParallelDims, *, device: torch.device | str | None = None, timeout: float | _dt.timedelta | None = None
+) -> ParallelMesh:
+    """Build the mesh over the initialised default group. Collective: every rank must call it."""
+    if not dist.is_initialized():
+        raise RuntimeError("build_parallel_mesh: call init_distributed first")
+    if dist.get_world_size() != dims.world_size:
+        raise TopologyError(f"topology {dims} is for {dims.world_size} ranks, but the job has {dist.get_world_size()}")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device(device)
+    # new_group would otherwise take the backend's default timeout, not the job's.
+    timeout = _as_timedelta(timeout) if timeout is not None else _default_group_timeout(device)
+    rank = dist.get_rank()
+    groups = {(axis,): _new_groups(dims, (axis,), rank, timeout) for axis in MESH_AXES}
+    groups[SP_AXES] = _new_groups(dims, SP_AXES, rank, timeout)
+    mesh = DeviceMesh.from_group(
+        [groups[(a,)] for a in MESH_AXES],
+        device.type,
+        mesh=torch.arange(dims.world_size).reshape(dims.shape),
+        mesh_dim_names=tuple(a.value for a in MESH_AXES),
+    )
+    return ParallelMesh(dims=dims, device_mesh=mesh, device=device, rank=rank, _groups=groups)
+
+
+def _default_group_timeout(device: torch.device) -> _dt.timedelta:
+    """The default group's timeout (what :func:`init_distributed` was given). torch has no public
+    getter, so read the backend's options and fall back to our default."""
+    try:
+        pg = dist.distributed_c10d._get_default_group()
+        return pg._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return _dt.timedelta(seconds=DEFAULT_TIMEOUT_S)
+
+
+def init_parallel(topology: Topology, **init_kwargs) -> ParallelMesh:
+    """:func:`init_distributed` then :func:`build_parallel_mesh` for ``topology``."""
+    info = init_distributed(**init_kwargs)
+    dims = ParallelDims.from_topology(topology, info.world_size)
+    return build_parallel_mesh(dims, device=info.device, timeout=info.timeout)
+
+
+def teardown() -> None:
+    """Destroy every process group; safe to call when none exists (use in ``finally``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
