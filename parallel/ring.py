@@ -62,7 +62,7 @@ def ring_attention(
     passer = RingPass(group, size, rank)
     acc_out = acc_lse = None
     txt_partial = None
-    cur = kv
+    cur = kv.contiguous()  # P2P needs it; a no-op for the all-to-all's output in practice
     for step in range(size):
         nxt = passer.start(cur) if step + 1 < size else None
         n = chunk_valid[(rank - step) % size]

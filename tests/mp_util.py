@@ -100,12 +100,13 @@ def run_ranks(
         )
         for rank in range(world_size)
     ]
+    reports: dict[int, tuple[str, Any]] = {}
     try:
         for p in procs:
             p.start()
         reports = _collect(results, procs, world_size, timeout)
     finally:
-        _stop(procs)
+        _stop(procs, graceful=len(reports) == world_size)
         shutil.rmtree(tmpdir, ignore_errors=True)
     errors = {r: v for r, (status, v) in reports.items() if status == "error"}
     if errors:
@@ -135,10 +136,12 @@ def _collect(results, procs, world_size: int, timeout: float) -> dict[int, tuple
     return reports
 
 
-def _stop(procs) -> None:
+def _stop(procs, graceful: bool) -> None:
+    """Join finished processes; kill the rest at once (after a failure they are hung or stuck
+    waiting for a rank that will never come)."""
     started = [p for p in procs if p.pid is not None]
     for p in started:
-        p.join(timeout=5)
+        p.join(timeout=5 if graceful else 0.5)
     for p in started:
         if p.is_alive():
             p.kill()
