@@ -55,7 +55,9 @@ class BuiltinTextEncoder:
         dtype: torch.dtype = torch.float32,
     ):
         if min(text_dim, pooled_dim, max_tokens) < 1:
-            raise ValueError(f"text_dim, pooled_dim and max_tokens must be >= 1, got {text_dim}, {pooled_dim}, {max_tokens}")
+            raise ValueError(
+                f"text_dim, pooled_dim and max_tokens must be >= 1, got {text_dim}, {pooled_dim}, {max_tokens}"
+            )
         self.text_dim, self.pooled_dim, self.max_tokens = text_dim, pooled_dim, max_tokens
         self.device, self.dtype = torch.device(device), dtype
 

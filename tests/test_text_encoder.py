@@ -26,6 +26,7 @@ from models.hunyuan_video.text_encoder import (  # noqa: E402
     LlmPromptEncoder,
     TextEncoderError,
     find_encoder_folders,
+    has_encoder_folders,
     load_text_encoder,
     template_prefix_length,
 )
@@ -92,41 +93,43 @@ def clip_text_config(vocab_size):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """{layout: model_dir} for the release, diffusers and LLaVA layouts, all holding the same
-    weights, plus "ref": the in-memory reference models."""
+    weights, plus "ref": the in-memory originals (LlamaModel, CLIP text model), never saved and loaded."""
     root = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
     tok, n_vocab = llm_tokenizer(with_pad=False)
     causal = transformers.LlamaForCausalLM(llama_config(n_vocab)).eval()
-    clip_vocab = write_clip_tokenizer(root / "cliptok")
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-    )
-    clip_full = transformers.CLIPModel(
-        transformers.CLIPConfig(text_config=clip_text_config(clip_vocab).to_dict(), vision_config=vision.to_dict(), projection_dim=16)
-    ).eval()
-
     release = root / "release"  # LlamaForCausalLM + tokenizer; the whole CLIPModel + its tokenizer
+    clip_vocab = write_clip_tokenizer(release / "text_encoder_2")
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14,
+    )
+    clip_config = transformers.CLIPConfig(
+        text_config=clip_text_config(clip_vocab).to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    )
+    clip_full = transformers.CLIPModel(clip_config).eval()
+
     causal.save_pretrained(release / "text_encoder")
     tok.save_pretrained(release / "text_encoder")
     clip_full.save_pretrained(release / "text_encoder_2")
-    write_clip_tokenizer(release / "text_encoder_2")
 
     diffusers = root / "diffusers"  # base models, tokenizers in folders of their own
     causal.model.save_pretrained(diffusers / "text_encoder")
     llm_tokenizer(with_pad=True)[0].save_pretrained(diffusers / "tokenizer")
-    clip_text = transformers.CLIPTextModel.from_pretrained(release / "text_encoder_2", local_files_only=True).eval()
+    clip_text = transformers.CLIPTextModel.from_pretrained(release / "text_encoder_2", local_files_only=True)
     clip_text.save_pretrained(diffusers / "text_encoder_2")
     write_clip_tokenizer(diffusers / "tokenizer_2")
 
     llava = root / "llava"  # a whole LlavaForConditionalGeneration as the LLM folder
-    llava_model = transformers.LlavaForConditionalGeneration(
-        transformers.LlavaConfig(vision_config=vision, text_config=llama_config(n_vocab), image_token_index=n_vocab - 1)
+    llava_config = transformers.LlavaConfig(
+        vision_config=vision, text_config=llama_config(n_vocab), image_token_index=n_vocab - 1
     )
+    llava_model = transformers.LlavaForConditionalGeneration(llava_config)
     llava_model.model.language_model.load_state_dict(causal.model.state_dict())
     llava_model.save_pretrained(llava / "text_encoder")
     tok.save_pretrained(llava / "text_encoder")
     shutil.copytree(release / "text_encoder_2", llava / "text_encoder_2")
-    return {"release": release, "diffusers": diffusers, "llava": llava, "ref": (causal.model, clip_text)}
+    return {"release": release, "diffusers": diffusers, "llava": llava, "ref": (causal.model, clip_full.text_model)}
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +166,7 @@ def test_shapes_and_dtypes(enc):
 
 def test_llm_states_are_third_to_last_layer_after_the_crop(enc, ckpts):
     llm, _ = ckpts["ref"]
-    for i, prompt in enumerate(PROMPTS):
+    for prompt in PROMPTS:
         ref, crop = reference_llm(llm, enc.llm.tokenizer, prompt)
         assert enc.llm.crop_start == crop
         valid = n_tokens(prompt) + 1  # the prompt's words and <|eot_id|>
@@ -180,6 +183,11 @@ def test_mask_counts_prompt_tokens_and_padding_is_zero(enc):
         assert torch.all(cond.txt[b, valid:] == 0)
 
 
+def test_long_prompt_is_truncated_to_text_len(enc):
+    cond = enc.encode(["cat " * 300])
+    assert cond.txt.shape[1] == TEXT_LEN and cond.mask.sum() == TEXT_LEN
+
+
 def test_first_kept_token_is_the_prompt(enc):
     tok = enc.llm.tokenizer
     ids = tok(PROMPT_TEMPLATE_VIDEO.format(PROMPTS[0]))["input_ids"]
@@ -193,7 +201,7 @@ def test_clip_pooled_is_the_eos_state(enc, ckpts):
     with torch.no_grad():
         states = clip(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     eos = batch["attention_mask"].sum(1) - 1  # the raw prompt, no template: EOS is the last valid token
-    assert torch.all(batch["input_ids"][torch.arange(2), eos] == clip.config.eos_token_id)
+    assert torch.all(batch["input_ids"][torch.arange(2), eos] == enc.clip.tokenizer.eos_token_id)
     torch.testing.assert_close(enc.encode(PROMPTS).pooled, states[torch.arange(2), eos], rtol=1e-5, atol=1e-5)
 
 
@@ -233,6 +241,7 @@ def test_explicit_crop_start_that_disagrees_warns(enc):
 
 
 def test_missing_folders_name_the_path(tmp_path, ckpts):
+    assert has_encoder_folders(ckpts["diffusers"]) and not has_encoder_folders(tmp_path)
     with pytest.raises(TextEncoderError, match=r"text_encoder: expected the LLM text encoder"):
         find_encoder_folders(tmp_path)
     shutil.copytree(ckpts["release"] / "text_encoder", tmp_path / "text_encoder")

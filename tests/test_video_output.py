@@ -133,7 +133,8 @@ def test_frame_grid_with_fewer_frames_than_asked(tmp_path):
 def test_json_atomic(tmp_path):
     record = {"seed": 42, "dtype": torch.bfloat16, "dir": tmp_path, "sizes": [1, 2]}
     path = lv.write_json_atomic(record, tmp_path / "run.json")
-    assert json.loads(path.read_text()) == {"seed": 42, "dtype": "torch.bfloat16", "dir": str(tmp_path), "sizes": [1, 2]}
+    want = {"seed": 42, "dtype": "torch.bfloat16", "dir": str(tmp_path), "sizes": [1, 2]}
+    assert json.loads(path.read_text()) == want
     with pytest.raises(FileExistsError):
         lv.write_json_atomic({}, path)
     with pytest.raises(TypeError, match="JSON record"):

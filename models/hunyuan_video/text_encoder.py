@@ -89,9 +89,8 @@ def find_encoder_folders(model_dir: str | Path) -> EncoderFolders:
         raise TextEncoderError(f"model directory {model_dir} does not exist")
     llm = _model_folder(model_dir, "text_encoder", "LLM text encoder (llava-llama-3-8b language model)")
     clip = _model_folder(model_dir, "text_encoder_2", "CLIP text encoder (clip-vit-large-patch14)")
-    return EncoderFolders(
-        llm, _tokenizer_folder(model_dir, "tokenizer", llm), clip, _tokenizer_folder(model_dir, "tokenizer_2", clip)
-    )
+    llm_tok = _tokenizer_folder(model_dir, "tokenizer", llm)
+    return EncoderFolders(llm, llm_tok, clip, _tokenizer_folder(model_dir, "tokenizer_2", clip))
 
 
 def has_encoder_folders(model_dir: str | Path) -> bool:
@@ -117,7 +116,7 @@ def template_prefix_length(tokenizer, template: str = PROMPT_TEMPLATE_VIDEO) -> 
 @contextlib.contextmanager
 def _quiet_transformers():
     # Loading the release's folders prints long reports of keys it rightly skips (the LLaVA lm_head,
-    # CLIP's vision tower); missing keys are checked by `_strict` instead.
+    # CLIP's vision tower); missing keys are checked by `_from_pretrained` instead.
     from transformers.utils import logging
 
     level = logging.get_verbosity()
@@ -140,7 +139,8 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
         )
     bad = sorted(info.get("missing_keys", ())) + [str(k) for k in info.get("mismatched_keys", ())]
     if bad:
-        raise TextEncoderError(f"{folder}: weights missing or mis-shaped for {type(model).__name__}: {bad[:8]}")
+        name = type(model).__name__
+        raise TextEncoderError(f"{folder}: weights missing or mis-shaped for {name}: {bad[:8]}")
     return model.eval().requires_grad_(False)
 
 
@@ -179,7 +179,10 @@ class LlmPromptEncoder:
     long). States at padded positions are zeroed: consumers mask them (the release does too), and
     zeros keep them independent of the pad id."""
 
-    def __init__(self, model, tokenizer, *, template=PROMPT_TEMPLATE_VIDEO, crop_start=None, text_len=TEXT_LEN):
+    def __init__(
+        self, model, tokenizer, *, template: str = PROMPT_TEMPLATE_VIDEO, crop_start: int | None = None,
+        text_len: int = TEXT_LEN,
+    ):
         if "{}" not in template:
             raise ValueError("template must contain '{}' where the prompt goes")
         self.model, self.tokenizer, self.template, self.text_len = model, tokenizer, template, text_len
@@ -223,8 +226,8 @@ class ClipPooledEncoder:
             prompts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
         )
         device = next(self.model.parameters()).device
-        out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        return out.pooler_output
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        return self.model(input_ids=ids, attention_mask=mask).pooler_output
 
 
 class HunyuanTextEncoders:
@@ -248,11 +251,10 @@ class HunyuanTextEncoders:
         """Load both encoders from `model_dir` (release or diffusers layout; never the hub).
         `crop_start=None` measures the template prefix from the tokenizer (95 for the release's)."""
         folders = find_encoder_folders(model_dir)
-        llm = LlmPromptEncoder(
-            _load_llm(folders.llm, dtype), _load_tokenizer(folders.llm_tokenizer), crop_start=crop_start, text_len=text_len
-        )
         from transformers import CLIPTextModel
 
+        llm_model, llm_tok = _load_llm(folders.llm, dtype), _load_tokenizer(folders.llm_tokenizer)
+        llm = LlmPromptEncoder(llm_model, llm_tok, crop_start=crop_start, text_len=text_len)
         clip_model = _from_pretrained(CLIPTextModel, folders.clip, dtype)
         clip = ClipPooledEncoder(clip_model, _load_tokenizer(folders.clip_tokenizer, "CLIPTokenizer"))
         return cls(llm, clip).to(device)
