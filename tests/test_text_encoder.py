@@ -129,7 +129,8 @@ def ckpts(tmp_path_factory):
     llava_model.save_pretrained(llava / "text_encoder")
     tok.save_pretrained(llava / "text_encoder")
     shutil.copytree(release / "text_encoder_2", llava / "text_encoder_2")
-    return {"release": release, "diffusers": diffusers, "llava": llava, "ref": (causal.model, clip_full.text_model)}
+    ref = (causal.model, clip_full.text_model)
+    return {"release": release, "diffusers": diffusers, "llava": llava, "ref": ref}
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +284,22 @@ def test_offload_and_close(ckpts):
     e.close()
     with pytest.raises(RuntimeError, match="closed"):
         e.encode(PROMPTS[:1])
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu_and_offload_frees_memory(enc, ckpts):
+    base = torch.cuda.memory_allocated()
+    gpu = HunyuanTextEncoders.from_pretrained(ckpts["release"], device="cuda", dtype=torch.bfloat16)
+    assert torch.cuda.memory_allocated() > base
+    got, want = gpu.encode(PROMPTS), enc.encode(PROMPTS)
+    assert got.txt.device.type == got.mask.device.type == got.pooled.device.type == "cuda"
+    assert torch.equal(got.mask.cpu(), want.mask)
+    for a, b in ((got.txt, want.txt), (got.pooled, want.pooled)):
+        assert (a.float().cpu() - b).norm() / b.norm() < 3e-2  # bf16 weights and activations
+    del got
+    gpu.offload()
+    assert torch.cuda.memory_allocated() == base
+    assert gpu.encode(PROMPTS[:1]).txt.device.type == "cpu"
 
 
 def test_prompts_must_be_a_list_of_strings(enc):
