@@ -91,6 +91,7 @@ class YunchangAttention:
 
         self.sp = sp
         self.num_valid_tokens = num_valid_tokens
+        self.kernel_name = attn_type
         if attn_type.startswith("lse:"):
             kind, processor = None, _LsePlugin(attn_type[4:])  # None: yunchang then calls the processor
         else:
@@ -135,6 +136,7 @@ class XFuserAttention:
 
         self.sp = sp
         self.num_valid_tokens = num_valid_tokens
+        self.kernel_name = attn_type
         with _yunchang_groups(sp):
             self.attn = xFuserLongContextAttention(attn_type=AttnType.from_string(attn_type))
 
