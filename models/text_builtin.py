@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 
-import numpy as np
 import torch
 
 from .sampling import TextConditioning
@@ -28,9 +28,9 @@ _HALF_WIDTH = math.sqrt(3.0)
 def hashed_vector(key: str, dim: int) -> torch.Tensor:
     """fp32 `[dim]` with unit variance, a pure function of `key` (bit-identical on every host)."""
     raw = hashlib.shake_256(key.encode("utf-8")).digest(4 * dim)
-    words = np.frombuffer(raw, dtype="<u4").astype(np.float64)
+    words = torch.tensor(struct.unpack(f"<{dim}I", raw), dtype=torch.float64)
     uniform = (words + 0.5) / 2.0**32  # in (0, 1), exact in float64
-    return torch.from_numpy((2.0 * uniform - 1.0) * _HALF_WIDTH).float()
+    return ((2.0 * uniform - 1.0) * _HALF_WIDTH).float()
 
 
 def prompt_words(prompt: str) -> list[str]:
