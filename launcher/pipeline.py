@@ -126,7 +126,7 @@ def decode(vae, latents: torch.Tensor, tiling: str) -> torch.Tensor:
     return video[0].float().cpu()
 
 
-def record(cfg: RunConfig, index: int, timer: PhaseTimer, device, paths) -> dict:
+def record(cfg: RunConfig, index: int, timer: PhaseTimer, device, dtype, paths) -> dict:
     return {
         "prompt": cfg.prompts[index],
         "seed": cfg.seed + index,
@@ -137,7 +137,7 @@ def record(cfg: RunConfig, index: int, timer: PhaseTimer, device, paths) -> dict
         "guidance": cfg.guidance,
         "flow_shift": cfg.flow_shift,
         "fps": cfg.fps,
-        "dtype": cfg.dtype,
+        "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "topology": {"world_size": 1, "dp": 1, "cfg": 1, "ring": 1, "ulysses": 1},
         "timings_s": dict(timer.seconds),
@@ -154,7 +154,7 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     """Generate one video per prompt; returns the video paths."""
     from safetensors.torch import save_file
 
-    from .video import write_frame_grid, write_json_atomic, write_video
+    from .video import write_atomic, write_frame_grid, write_json_atomic, write_video
 
     device, dtype = resolve_device(cfg)
     all_paths = [output_paths(cfg, i) for i in range(len(cfg.prompts))]
@@ -176,9 +176,10 @@ def run_generate(cfg: RunConfig) -> list[Path]:
         with timer.phase("write"):
             write_video(video, paths["video"], fps=cfg.fps, overwrite=cfg.overwrite)
             if "latents" in paths:
-                save_file({"latents": latents.contiguous()}, str(paths["latents"]))
+                write_atomic(paths["latents"], lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp)),
+                             overwrite=cfg.overwrite)
             if "grid" in paths:
                 write_frame_grid(video, paths["grid"], overwrite=cfg.overwrite)
-        write_json_atomic(record(cfg, i, timer, device, paths), paths["record"], overwrite=cfg.overwrite)
+        write_json_atomic(record(cfg, i, timer, device, dtype, paths), paths["record"], overwrite=cfg.overwrite)
         written.append(paths["video"])
     return written

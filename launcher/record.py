@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import resource
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -58,4 +59,6 @@ def now_iso() -> str:
 
 
 def command_line() -> str:
-    return " ".join([sys.executable, *sys.argv])
+    """The command as a user would retype it (`python -m launcher ...` rather than a file path)."""
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("__main__.py", "-c")) else sys.argv
+    return shlex.join(["python", "-m", "launcher", *argv])

@@ -1,0 +1,51 @@
+"""`python -m launcher generate` end to end on one process with the tiny preset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD_KEYS = {
+    "prompt", "seed", "model", "size", "frames", "steps", "guidance", "flow_shift", "topology",
+    "timings_s", "peak_memory", "versions", "outputs", "command", "finished",
+}
+
+
+def _generate(tmp_path, *extra):
+    cmd = [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "A cat walks on the grass",
+           "--size", "64x96", "--frames", "9", "--steps", "2", "--seed", "5", "--output-dir", str(tmp_path), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_generate_writes_video_record_latents_and_grid(tmp_path):
+    from launcher.video import probe_video
+
+    proc = _generate(tmp_path, "--save-latents", "--save-grid")
+    assert proc.returncode == 0, proc.stderr
+    video = Path(proc.stdout.strip().splitlines()[-1])
+    assert video.parent == tmp_path and video.name == "a-cat-walks-on-the-grass_seed5.mp4"
+    info = probe_video(video)
+    assert (info["frames"], info["height"], info["width"]) == (9, 64, 96)
+    assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
+
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert RECORD_KEYS <= record.keys()
+    assert record["size"] == [64, 96] and record["frames"] == 9 and record["steps"] == 2 and record["seed"] == 5
+    assert {"text_encode", "load_dit", "denoise", "vae_decode", "write"} <= record["timings_s"].keys()
+    assert record["peak_memory"]["host_rss_gib"] > 0 and "torch" in record["versions"]
+
+    latents = load_file(str(tmp_path / "a-cat-walks-on-the-grass_seed5.latents.safetensors"))["latents"]
+    assert latents.shape == (1, 16, 3, 8, 12) and torch.isfinite(latents).all()
+    assert (tmp_path / "a-cat-walks-on-the-grass_seed5.png").stat().st_size > 0
+    assert not list(tmp_path.glob("*.tmp*")), "temporary files left behind"
+
+    # Same seed again: refused without --overwrite, nothing replaced.
+    before = video.stat().st_mtime_ns
+    proc = _generate(tmp_path)
+    assert proc.returncode == 2 and "output exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert video.stat().st_mtime_ns == before
