@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from .comm import gather_heads, heads_to_seq, seq_to_heads
 from .kernels import Kernel, select_kernel
-from .local import TextKV, local_joint_attention, text_valid_mask  # noqa: F401 - re-exported
+from .local import TextKV, local_joint_attention  # noqa: F401 - re-exported
 from .ring import fold_attention, merge_text_over_ring, ring_attention
 from .sequence import SequenceParallel, shard_length, valid_in_chunk
 
@@ -127,6 +127,12 @@ class HybridAttention:
     ``sp``: this rank's :class:`SequenceParallel` (``SequenceParallel.from_mesh(mesh)``).
     ``num_valid_tokens``: valid global image tokens (``None``: no padding).
     ``kernel``: "auto" or a name from ``parallel.kernels.KERNELS``.
+    ``fuse_text``: for pure Ulysses with one text length and no padding, put the text into the
+    all-to-all's buffer (one kernel call, no concatenation copies); ``False`` forces the general
+    path.
+
+    Keep ``txt_lens`` on the CPU: it is read as Python ints every call (a CUDA tensor would cost a
+    device sync per call).
     """
 
     def __init__(
@@ -136,19 +142,23 @@ class HybridAttention:
         num_valid_tokens: int | None = None,
         kernel: str = "auto",
         check_inputs: str = "first",
+        fuse_text: bool = True,
     ):
         if check_inputs not in CHECK_MODES:
             raise ValueError(f"check_inputs must be one of {CHECK_MODES}, got {check_inputs!r}")
         self.sp = sp
         self.kernel_name = kernel
         self.check_mode = check_inputs
+        self.fuse_text = fuse_text  # False: always the general path (A/B benchmarks, tests)
         self.num_valid_tokens = num_valid_tokens
         self._kernels: dict[tuple, tuple[str, Kernel]] = {}
         self._calls = 0
 
     def set_valid_tokens(self, n: int | None) -> None:
-        """Valid global image tokens for the following calls (``None``: no padding)."""
+        """Valid global image tokens for the following calls (``None``: no padding). Call it on
+        every SP rank alike; the next call checks inputs across ranks again (mode "first")."""
         self.num_valid_tokens = n
+        self._calls = 0
 
     def resolved_kernel(self, x: torch.Tensor) -> str:
         """The kernel name this object uses for inputs like ``x`` [B, S, H, D]."""
@@ -172,37 +182,67 @@ class HybridAttention:
 
     @torch.no_grad()
     def __call__(self, img_q, img_k, img_v, txt_q=None, txt_k=None, txt_v=None, txt_lens=None):
-        txt = None if txt_q is None else (txt_q, txt_k, txt_v)
-        plan = self._plan((img_q, img_k, img_v), txt, txt_lens)
+        txt = None if txt_q is None or txt_q.shape[1] == 0 else (txt_q, txt_k, txt_v)
+        plan = self._plan((img_q, img_k, img_v), None if txt_q is None else (txt_q, txt_k, txt_v), txt_lens)
         _, kernel = self._kernel(img_q)
-        sp, scale = self.sp, 1.0 / math.sqrt(plan.head_dim)
-        u, r = sp.ulysses_size, sp.ring_size
-        if u > 1:
-            qkv = seq_to_heads((img_q, img_k, img_v), sp.ulysses_group, u)  # [3, B, U*C, H/U, D]
-            q, kv = qkv[0], qkv[1:]
+        if self._fusable(plan, txt):
+            img_part, txt_part = self._fused_text(plan, kernel, (img_q, img_k, img_v), txt)
         else:
-            q, kv = img_q, None
-        hl = plan.heads // u
-        heads = slice(sp.ulysses_rank * hl, (sp.ulysses_rank + 1) * hl)
-        has_txt = plan.txt_tokens > 0
-        tq = txt_q[:, :, heads] if has_txt else None
-        text = TextKV(txt_k[:, :, heads], txt_v[:, :, heads], plan.txt_lens) if has_txt else None
-        chunk_valid = plan.chunk_valid(sp)
-        if r == 1:
-            k, v = (kv[0], kv[1]) if kv is not None else (img_k, img_v)
-            img_part, txt_part = fold_attention(q, k, v, tq, text, chunk_valid[0], kernel, scale)
-        else:
-            kv = kv if kv is not None else torch.stack((img_k, img_v))
-            img_part, partial = ring_attention(
-                q, kv, tq, text, chunk_valid=chunk_valid, group=sp.ring_group,
-                size=r, rank=sp.ring_rank, kernel=kernel, scale=scale,
-            )
-            txt_part = merge_text_over_ring(partial, sp.ring_group, r, q.dtype) if partial is not None else None
-        img_out = heads_to_seq(img_part, sp.ulysses_group, u) if u > 1 else img_part
-        if txt is None:
+            img_part, txt_part = self._general(plan, kernel, (img_q, img_k, img_v), txt)
+        sp = self.sp
+        img_out = heads_to_seq(img_part, sp.ulysses_group, sp.ulysses_size) if sp.ulysses_size > 1 else img_part
+        if txt_q is None:
             return img_out, None
-        if not has_txt:
+        if txt is None:  # text tensors with no tokens
             return img_out, torch.zeros_like(txt_q)
-        txt_out = gather_heads(txt_part, sp.ulysses_group, u) if u > 1 else txt_part
-        valid = text_valid_mask(plan.txt_lens, plan.txt_tokens, device=txt_out.device)
-        return img_out, txt_out * valid[:, :, None, None].to(txt_out.dtype)
+        txt_out = gather_heads(txt_part, sp.ulysses_group, sp.ulysses_size) if sp.ulysses_size > 1 else txt_part.clone()
+        for b, n in enumerate(plan.txt_lens):  # padded text rows -> 0 (slicing: no host-to-device mask)
+            txt_out[b, n:] = 0
+        return img_out, txt_out
+
+    def _fusable(self, plan: CallPlan, txt) -> bool:
+        """Pure Ulysses, one text length, no image padding: the text can ride in the
+        all-to-all's output buffer and everything is one kernel call with prefix keys."""
+        sp = self.sp
+        return (
+            self.fuse_text and txt is not None and sp.ulysses_size > 1 and sp.ring_size == 1
+            and len(set(plan.txt_lens)) == 1 and plan.n_valid == sp.sp_size * plan.local_tokens
+        )
+
+    def _heads(self, plan: CallPlan) -> slice:
+        hl = plan.heads // self.sp.ulysses_size
+        return slice(self.sp.ulysses_rank * hl, (self.sp.ulysses_rank + 1) * hl)
+
+    def _fused_text(self, plan, kernel, img, txt):
+        """[3, B, S+L, h, D] buffer: the all-to-all writes the image, we write this rank's text
+        heads behind it; queries are all rows, keys the prefix [image, valid text]. Saves the
+        three concatenation copies of the general path."""
+        sp, heads = self.sp, self._heads(plan)
+        qkv = seq_to_heads(img, sp.ulysses_group, sp.ulysses_size, extra_tokens=plan.txt_tokens)
+        s = qkv.shape[2] - plan.txt_tokens
+        for i, t in enumerate(txt):
+            qkv[i, :, s:] = t[:, :, heads]
+        n_keys = s + plan.txt_lens[0]
+        out, _ = kernel(qkv[0], qkv[1][:, :n_keys], qkv[2][:, :n_keys], 1.0 / math.sqrt(plan.head_dim))
+        return out[:, :s], out[:, s:]
+
+    def _general(self, plan, kernel, img, txt):
+        """Any case: ring of one (fold) or ring of several, text per item by slicing."""
+        sp, heads, scale = self.sp, self._heads(plan), 1.0 / math.sqrt(plan.head_dim)
+        if sp.ulysses_size > 1:
+            qkv = seq_to_heads(img, sp.ulysses_group, sp.ulysses_size)  # [3, B, U*C, H/U, D]
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            q, k, v = img
+        tq = txt[0][:, :, heads] if txt is not None else None
+        text = TextKV(txt[1][:, :, heads], txt[2][:, :, heads], plan.txt_lens) if txt is not None else None
+        chunk_valid = plan.chunk_valid(sp)
+        if sp.ring_size == 1:
+            return fold_attention(q, k, v, tq, text, chunk_valid[0], kernel, scale)
+        kv = qkv[1:] if sp.ulysses_size > 1 else torch.stack((k, v))
+        img_part, partial = ring_attention(
+            q, kv, tq, text, chunk_valid=chunk_valid, group=sp.ring_group,
+            size=sp.ring_size, rank=sp.ring_rank, kernel=kernel, scale=scale,
+        )
+        txt_part = merge_text_over_ring(partial, sp.ring_group, sp.ring_size, q.dtype) if partial is not None else None
+        return img_part, txt_part

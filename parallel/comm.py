@@ -13,11 +13,14 @@ import torch
 import torch.distributed as dist
 
 
-def seq_to_heads(xs: Sequence[torch.Tensor], group: dist.ProcessGroup, size: int) -> torch.Tensor:
+def seq_to_heads(
+    xs: Sequence[torch.Tensor], group: dist.ProcessGroup, size: int, extra_tokens: int = 0
+) -> torch.Tensor:
     """Ulysses all-to-all of several tensors in one collective.
 
     ``n`` tensors ``[B, C, H, D]`` (this rank's C tokens, all heads) ->
-    ``[n, B, size*C, H/size, D]`` (the group's size*C tokens in group-rank order, this rank's heads).
+    ``[n, B, size*C + extra_tokens, H/size, D]``: the group's size*C tokens in group-rank order for
+    this rank's heads, followed by ``extra_tokens`` uninitialised rows for the caller to fill.
     """
     b, c, h, d = xs[0].shape
     hl = h // size
@@ -26,8 +29,10 @@ def seq_to_heads(xs: Sequence[torch.Tensor], group: dist.ProcessGroup, size: int
         send[:, i].copy_(x.reshape(b, c, size, hl, d).permute(2, 0, 1, 3, 4))
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
+    out = recv.new_empty((len(xs), b, size * c + extra_tokens, hl, d))
     # recv[src] holds sequence chunk src: put it in front of the chunk's tokens.
-    return recv.permute(1, 2, 0, 3, 4, 5).reshape(len(xs), b, size * c, hl, d)
+    out[:, :, : size * c].view(len(xs), b, size, c, hl, d).copy_(recv.permute(1, 2, 0, 3, 4, 5))
+    return out
 
 
 def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:

@@ -48,7 +48,10 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
-    p.add_argument("--backends", default="native,native-flash,yunchang,yunchang-cudnn,xfuser")
+    p.add_argument("--backends", default="native,native-flash,yunchang,yunchang-cudnn,xfuser",
+                   help="comma list of: native, native-cat (no text fusion), native-flash, yunchang, yunchang-cudnn, xfuser")
+    p.add_argument("--factorisations", default=None, help="comma list of UxR (default: all valid)")
+    p.add_argument("--profile", action="store_true", help="print the top device kernels of one call per config (rank 0)")
     p.add_argument("--jsonl", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
     return p.parse_args()
@@ -243,6 +246,8 @@ def make_backend(ctx, name, sp, n):
         return HybridAttention(sp, num_valid_tokens=n)
     if name == "native-flash":
         return HybridAttention(sp, num_valid_tokens=n, kernel="flash")
+    if name == "native-cat":
+        return HybridAttention(sp, num_valid_tokens=n, fuse_text=False)
     from parallel.baselines import XFuserAttention, YunchangAttention
 
     if name == "yunchang":
@@ -279,6 +284,8 @@ def bench_one(ctx, name, u, r, shards, txt, lens, rows, ref, shape):
     del out_img, out_txt
     seconds = timed(ctx, call)
     peak = peak_gib(ctx, call)
+    if ctx.args.profile:
+        profile_call(ctx, name, u, r, call)
     kernel = attn.resolved_kernel(shards[0]) if isinstance(attn, HybridAttention) else attn.kernel_name
     record(ctx, shape, backend=name, ulysses=u, ring=r, seconds=seconds, peak_gib=peak, rel_err_img=e_img, rel_err_txt=e_txt, kernel=str(kernel))
 
@@ -305,6 +312,27 @@ def versions():
     return v
 
 
+def factorisations(ctx, heads):
+    valid = sp_factorisations(ctx.world, heads)
+    if not ctx.args.factorisations:
+        return valid
+    wanted = {tuple(int(x) for x in f.split("x")) for f in ctx.args.factorisations.split(",")}
+    return [f for f in valid if f in wanted]
+
+
+def profile_call(ctx, name, u, r, call):
+    """Top device kernels of one call (every rank runs the call; rank 0 prints)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(ctx)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        sync(ctx)
+    if ctx.rank == 0:
+        print(f"--- profile {name} u{u}r{r}")
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=70))
+
+
 def run_bench(ctx):
     shape = bench_shape(ctx)
     img, txt = full_inputs(ctx, shape)
@@ -316,7 +344,7 @@ def run_bench(ctx):
     for name in ctx.args.backends.split(","):  # xfuser last: if it crashes, the rest is written
         if ctx.smoke and name in ("xfuser", "native-flash"):
             continue
-        for u, r in sp_factorisations(ctx.world, shape["heads"]):
+        for u, r in factorisations(ctx, shape["heads"]):
             shards = [shard_tokens(x, 1, ctx.sp(u, r)) for x in img]
             bench_one(ctx, name, u, r, shards, txt, lens, rows, ref, shape)
             del shards

@@ -19,6 +19,7 @@ CASES = {
     "image_only": (2, 24, 0, None),
     "text_full": (2, 24, 6, (6, 6)),
     "text_padded": (2, 21, 6, (6, 2)),
+    "text_uniform_image_padded": (1, 22, 5, (3,)),
     "text_zero_len_tiny_image": (2, 3, 5, (0, 4)),  # padding spans several ring chunks
     "text_empty": (1, 10, 0, (0,)),
 }
