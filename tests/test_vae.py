@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.hunyuan_video.vae import VAE_PRESETS, HunyuanVideoVAE, VAEConfig
-from models.hunyuan_video.vae_blocks import CausalConv3d, CausalUpsample, block_causal_attention
+from models.hunyuan_video.vae_blocks import (
+    CausalConv3d,
+    GroupNorm,
+    block_causal_attention,
+    causal_pad,
+    group_moments,
+    upsample_causal_pad,
+)
 
 KEYS_FILE = Path(__file__).parent / "data" / "hunyuanvideo_vae_keys.txt"
 
@@ -93,24 +100,65 @@ def test_config_rejects_bad_values():
         VAEConfig(block_out_channels=(16, 16, 24, 24), norm_num_groups=16)
 
 
-def test_causal_conv_padding_rule():
+@pytest.fixture(scope="module")
+def norm_case():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 7, 5, 6, dtype=torch.float64, generator=g) * 3 + 10  # mean >> std: cancellation-prone
+    norm = GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        norm.bias.normal_(generator=g)
+    return x, norm, F.group_norm(x, 4, norm.weight.double(), norm.bias.double(), 1e-6)
+
+
+def test_group_moments_chunks_merge_exactly(norm_case):
+    x = norm_case[0]
+    whole = group_moments(x, 4)
+    chunked = group_moments(x, 4, chunk_elems=16 * 30 * 2)  # 2 frames a chunk: 4 chunks, the last short
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole[0], x.view(2, 4, -1).mean(-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole[1], x.view(2, 4, -1).var(-1, correction=0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_group_norm_matches_torch(norm_case, dtype):
+    x, norm, ref = norm_case
+    ours = GroupNorm(4, 16, eps=1e-6).to(dtype)
+    ours.load_state_dict(norm.state_dict())
+    with torch.no_grad():
+        out = ours(x.to(dtype))
+        native = F.group_norm(x.to(dtype), 4, ours.weight, ours.bias, 1e-6)
+    assert out.dtype == dtype
+    # No worse than torch's own kernel at this precision (both see the same rounded input).
+    bound = 1e-12 if dtype == torch.float64 else 1.5 * (native.double() - ref).abs().max().item() + 1e-6
+    assert (out.double() - ref).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4, 5, 6), (2, 3, 1, 1, 2)])
+def test_causal_pad_is_replicate_pad_front_only(shape):
+    x = torch.randn(shape)
+    assert torch.equal(causal_pad(x, 3), F.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate"))
+    assert torch.equal(causal_pad(x, 5), F.pad(x, (2, 2, 2, 2, 4, 0), mode="replicate"))
+
+
+def test_causal_conv_sees_no_future_frames():
     conv = CausalConv3d(2, 3)
     x = torch.randn(1, 2, 4, 5, 6)
     expected = F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate"), conv.conv.weight, conv.conv.bias)
     torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)
-    # A prefix of frames gives the prefix of the output: nothing looks ahead in time.
     torch.testing.assert_close(conv(x[:, :, :2]), conv(x)[:, :, :2], rtol=0, atol=1e-6)
 
 
-def test_upsample_first_frame_rule():
-    up = CausalUpsample(2, (2, 2, 2))
-    up.conv = nn.Identity()  # look at the resize alone
-    x = torch.randn(1, 2, 3, 2, 2)
-    y = up(x)
-    assert y.shape == (1, 2, 5, 4, 4)
-    space = lambda f: x[:, :, f].repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731
-    for out_frame, in_frame in enumerate([0, 1, 1, 2, 2]):
-        torch.testing.assert_close(y[:, :, out_frame], space(in_frame), rtol=0, atol=0)
+@pytest.mark.parametrize("scale", [(1, 2, 2), (2, 2, 2)])
+@pytest.mark.parametrize("t", [1, 3])
+def test_upsample_first_frame_rule(scale, t):
+    """Frame 0 resized in space only, later frames repeated in time (the release: 1 + 2(T-1))."""
+    st, sh, sw = scale
+    x = torch.randn(1, 2, t, 2, 3)
+    space = lambda v: v.repeat_interleave(sh, -2).repeat_interleave(sw, -1)  # noqa: E731
+    resized = torch.cat([space(x[:, :, :1]), space(x[:, :, 1:]).repeat_interleave(st, 2)], dim=2)
+    assert resized.shape[2] == 1 + st * (t - 1)
+    assert torch.equal(upsample_causal_pad(x, scale, 3), F.pad(resized, (1, 1, 1, 1, 2, 0), mode="replicate"))
 
 
 def test_block_causal_attention_equals_masked_sdpa():
