@@ -43,7 +43,9 @@ def parse_tiling(name: str):
     try:
         (st, ss), (tt, ts) = (map(int, part.split("/")) for part in name.split(","))
     except ValueError:
-        raise SystemExit(f"tiling {name!r}: expected none, {', '.join(TILING_PRESETS)} or 'S/s,T/t'") from None
+        raise SystemExit(
+            f"tiling {name!r}: expected none, {', '.join(TILING_PRESETS)} or 'S/s,T/t'"
+        ) from None
     return TilingConfig(spatial_tile=st, spatial_stride=ss, temporal_tile=tt, temporal_stride=ts)
 
 
@@ -159,11 +161,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help="VAE preset: tiny or hunyuan-video")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: cpu float32, cuda float16)")
+    p.add_argument(
+        "--dtype", default=None, help="float32 / float16 / bfloat16 (default: cpu float32, cuda float16)"
+    )
     p.add_argument("--sizes", default=None, help="latent sizes TxHxW, comma-separated")
     p.add_argument("--tilings", default=None, help="none, release, small or 'S/s,T/t', comma-separated")
     p.add_argument("--repeat", type=int, default=1, help="timed decodes per case (the minimum is reported)")
-    p.add_argument("--compare", action="store_true", help="also report max|tiled - untiled| (decodes untiled too)")
+    p.add_argument(
+        "--compare", action="store_true", help="also report max|tiled - untiled| (decodes untiled too)"
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds per case")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -172,7 +178,9 @@ def main() -> None:
         return child_main(args.child)
 
     dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
-    sizes = [tuple(int(n) for n in s.split("x")) for s in (args.sizes or DEFAULT_SIZES[args.device]).split(",")]
+    sizes = [
+        tuple(int(n) for n in s.split("x")) for s in (args.sizes or DEFAULT_SIZES[args.device]).split(",")
+    ]
     tilings = split_tilings(args.tilings or DEFAULT_TILINGS[args.device])
     for name in tilings:
         parse_tiling(name)  # fail before any child starts
@@ -182,8 +190,15 @@ def main() -> None:
     rows = []
     for size in sizes:
         for tiling in tilings:
-            case = {"preset": args.preset, "device": args.device, "dtype": dtype, "size": size,
-                    "tiling": tiling, "repeat": args.repeat, "compare": args.compare}
+            case = {
+                "preset": args.preset,
+                "device": args.device,
+                "dtype": dtype,
+                "size": size,
+                "tiling": tiling,
+                "repeat": args.repeat,
+                "compare": args.compare,
+            }
             res = spawn(case, args.timeout)
             print(fmt_row(case, res), flush=True)
             rows.append({**case, **res})

@@ -67,7 +67,9 @@ def test_release_part_counts(release_state, prefix, keys, params):
 def test_release_decoder_keys_and_shapes_match_listing(release_state):
     reference = _reference_decoder_keys()
     assert len(reference) == 140
-    ours = {k: tuple(v.shape) for k, v in release_state.items() if k.startswith(("decoder.", "post_quant_conv."))}
+    ours = {
+        k: tuple(v.shape) for k, v in release_state.items() if k.startswith(("decoder.", "post_quant_conv."))
+    }
     assert sorted(set(ours) ^ set(reference)) == []
     assert {k: s for k, s in ours.items() if reference[k] != s} == {}
     # decoder.* in the release's state_dict order (up_blocks before mid_block).
@@ -79,7 +81,9 @@ def test_release_encoder_landmarks(release_state):
     assert shapes["encoder.conv_in.conv.weight"] == (128, 3, 3, 3, 3)
     assert shapes["encoder.conv_out.conv.weight"] == (32, 512, 3, 3, 3)
     assert shapes["quant_conv.weight"] == (32, 32, 1, 1, 1)
-    shortcuts = sorted(k.rsplit(".conv_shortcut", 1)[0] for k in shapes if "encoder" in k and "shortcut.conv.weight" in k)
+    shortcuts = sorted(
+        k.rsplit(".conv_shortcut", 1)[0] for k in shapes if "encoder" in k and "shortcut.conv.weight" in k
+    )
     assert shortcuts == ["encoder.down_blocks.1.resnets.0", "encoder.down_blocks.2.resnets.0"]
     downs = sorted(k for k in shapes if "downsamplers.0.conv.conv.weight" in k)
     assert downs == [f"encoder.down_blocks.{i}.downsamplers.0.conv.conv.weight" for i in range(3)]
@@ -103,7 +107,9 @@ def test_config_rejects_bad_values():
 @pytest.fixture(scope="module")
 def norm_case():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 7, 5, 6, dtype=torch.float64, generator=g) * 3 + 10  # mean >> std: cancellation-prone
+    x = (
+        torch.randn(2, 16, 7, 5, 6, dtype=torch.float64, generator=g) * 3 + 10
+    )  # mean >> std: cancellation-prone
     norm = GroupNorm(4, 16, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_(generator=g)
@@ -226,7 +232,9 @@ def test_decoder_is_causal_apart_from_groupnorm():
             m.forward = _framewise_groupnorm(m)
     full = vae.decode(z, clamp=False)
     for t in (1, 2):
-        torch.testing.assert_close(vae.decode(z[:, :, :t], clamp=False), full[:, :, : 4 * t - 3], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            vae.decode(z[:, :, :t], clamp=False), full[:, :, : 4 * t - 3], rtol=1e-4, atol=1e-5
+        )
 
 
 # Bounds are precision-limited: bf16 keeps 8 mantissa bits, fp16 11, and the error compounds over

@@ -12,8 +12,21 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_vae_memory.py"
 
 def test_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--device", "cpu", "--sizes", "3x4x4",
-           "--tilings", "none,2/1,1/1", "--compare", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--sizes",
+        "3x4x4",
+        "--tilings",
+        "none,2/1,1/1",
+        "--compare",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["results"]

@@ -82,10 +82,20 @@ def test_release_layout(tmp_path, source):
 
 
 def test_diffusers_layout_with_dtype(tmp_path, source):
-    config = {k: v for k, v in RELEASE_JSON.items() if k not in ("time_compression_ratio", "sample_size", "sample_tsize")}
-    config |= {"_class_name": "AutoencoderKLHunyuanVideo", "temporal_compression_ratio": 4, "spatial_compression_ratio": 8}
+    config = {
+        k: v
+        for k, v in RELEASE_JSON.items()
+        if k not in ("time_compression_ratio", "sample_size", "sample_tsize")
+    }
+    config |= {
+        "_class_name": "AutoencoderKLHunyuanVideo",
+        "temporal_compression_ratio": 4,
+        "spatial_compression_ratio": 8,
+    }
     vae_dir = _write_diffusers(tmp_path, source.state_dict(), config)
-    model = load_vae(vae_dir / "diffusion_pytorch_model.safetensors", dtype=torch.bfloat16)  # a file path works too
+    model = load_vae(
+        vae_dir / "diffusion_pytorch_model.safetensors", dtype=torch.bfloat16
+    )  # a file path works too
     assert model.config == TINY
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     _assert_same_weights(model, source)
@@ -98,7 +108,9 @@ def test_explicit_config_overrides_json(tmp_path, source):
 
 def test_config_json_mapping_and_errors(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"temporal_compression_ratio": 4, "scaling_factor": 0.5, "force_upcast": True}))
+    path.write_text(
+        json.dumps({"temporal_compression_ratio": 4, "scaling_factor": 0.5, "force_upcast": True})
+    )
     assert config_from_json(path) == VAEConfig(scaling_factor=0.5)
     path.write_text(json.dumps({"act_fn": "gelu"}))
     with pytest.raises(ValueError, match="config.json: act_fn 'gelu'"):
@@ -124,7 +136,9 @@ def test_mismatched_checkpoint_names_keys_and_file(tmp_path, source):
 
 
 def test_checkpoint_for_another_config_fails(tmp_path, source):
-    root = _write_release(tmp_path, source.state_dict(), {**RELEASE_JSON, "block_out_channels": [16, 16, 32, 64]})
+    root = _write_release(
+        tmp_path, source.state_dict(), {**RELEASE_JSON, "block_out_channels": [16, 16, 32, 64]}
+    )
     with pytest.raises(VAECheckpointError, match=r"pytorch_model.pt: .* mis-shaped \(.*, \.\.\.\)"):
         load_vae(root)
 

@@ -47,7 +47,11 @@ def mock_encode(x: torch.Tensor) -> torch.Tensor:
 def test_presets():
     assert (RELEASE_TILING.spatial_tile, RELEASE_TILING.spatial_stride) == (32, 24)  # 256 px, 192 px stride
     assert (RELEASE_TILING.temporal_tile, RELEASE_TILING.temporal_stride) == (16, 12)  # 17 latents, 65 frames
-    assert (SMALL_TILING.spatial_tile, SMALL_TILING.spatial_stride, SMALL_TILING.temporal_tile) == (16, 12, 16)
+    assert (SMALL_TILING.spatial_tile, SMALL_TILING.spatial_stride, SMALL_TILING.temporal_tile) == (
+        16,
+        12,
+        16,
+    )
     with pytest.raises(ValueError, match="spatial_stride"):
         TilingConfig(spatial_tile=8, spatial_stride=9)
     with pytest.raises(ValueError, match="temporal_stride"):
@@ -148,6 +152,8 @@ def test_temporal_tiling_is_exact_on_time_constant_latents(vae64):
 
 
 def test_tiled_encode_runs_on_the_network(vae64):
-    x = torch.randn(1, 3, 1, 1, 1, dtype=torch.float64).expand(1, 3, 1, 48, 40).contiguous()  # one constant frame
+    x = (
+        torch.randn(1, 3, 1, 1, 1, dtype=torch.float64).expand(1, 3, 1, 48, 40).contiguous()
+    )  # one constant frame
     tiling = TilingConfig(spatial_tile=2, spatial_stride=1)
     torch.testing.assert_close(vae64.encode(x, tiling=tiling), vae64.encode(x), rtol=0, atol=1e-10)

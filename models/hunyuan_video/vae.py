@@ -53,7 +53,9 @@ class VAEConfig:
                 )
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"VAEConfig.block_out_channels {bad} not divisible by norm_num_groups {self.norm_num_groups}")
+            raise ValueError(
+                f"VAEConfig.block_out_channels {bad} not divisible by norm_num_groups {self.norm_num_groups}"
+            )
 
     def block_scale(self, i: int) -> tuple[int, int, int]:
         """(t, h, w) factor of encoder down block i and decoder up block i (the release's rule).
@@ -91,11 +93,13 @@ class HunyuanVideoVAE(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     def encode_tile(self, x: torch.Tensor) -> torch.Tensor:
-        """One untiled pass: video `[B, 3, F, H, W]` -> moments `[B, 32, (F-1)/4+1, H/8, W/8]` (mean, logvar)."""
+        """One untiled pass: video `[B, 3, F, H, W]` -> moments `[B, 32, (F-1)/4+1, H/8, W/8]`."""
         return self.quant_conv(self.encoder(x))
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, *, tiling: TilingConfig | None = None, clamp: bool = True) -> torch.Tensor:
+    def decode(
+        self, z: torch.Tensor, *, tiling: TilingConfig | None = None, clamp: bool = True
+    ) -> torch.Tensor:
         """Latents in VAE space `[B, 16, T, h, w]` (DiT latents / scaling_factor) -> video.
 
         Returns `[B, 3, 4T-3, 8h, 8w]` in the model's dtype, clamped to [-1, 1] unless clamp=False
@@ -104,21 +108,34 @@ class HunyuanVideoVAE(nn.Module):
         """
         cfg = self.config
         if z.ndim != 5 or z.shape[1] != cfg.latent_channels:
-            raise ValueError(f"decode expects latents [B, {cfg.latent_channels}, T, h, w], got {tuple(z.shape)}")
+            raise ValueError(
+                f"decode expects latents [B, {cfg.latent_channels}, T, h, w], got {tuple(z.shape)}"
+            )
         z = z.to(self.post_quant_conv.weight)  # the model's dtype and device
         if tiling is None:
             video = self.decode_tile(z)
         else:
-            video = tiled_decode(self.decode_tile, z, tiling, cfg.time_compression_ratio, cfg.spatial_compression_ratio)
+            video = tiled_decode(
+                self.decode_tile, z, tiling, cfg.time_compression_ratio, cfg.spatial_compression_ratio
+            )
         return video.clamp_(-1, 1) if clamp else video
 
     @torch.no_grad()
     def encode_moments(self, video: torch.Tensor, *, tiling: TilingConfig | None = None) -> torch.Tensor:
         """Video `[B, 3, F, H, W]` in [-1, 1] -> moments `[B, 32, T, h, w]`: mean then logvar channels."""
-        cfg, (rt, rs) = self.config, (self.config.time_compression_ratio, self.config.spatial_compression_ratio)
-        if video.ndim != 5 or video.shape[1] != cfg.in_channels or (video.shape[2] - 1) % rt or video.shape[3] % rs or video.shape[4] % rs:
+        cfg = self.config
+        rt, rs = cfg.time_compression_ratio, cfg.spatial_compression_ratio
+        frames, height, width = video.shape[2:] if video.ndim == 5 else (0, 0, 0)
+        if (
+            video.ndim != 5
+            or video.shape[1] != cfg.in_channels
+            or (frames - 1) % rt
+            or height % rs
+            or width % rs
+        ):
             raise ValueError(
-                f"encode expects video [B, {cfg.in_channels}, {rt}k+1, {rs}m, {rs}n], got {tuple(video.shape)}"
+                f"encode expects video [B, {cfg.in_channels}, {rt}k+1, {rs}m, {rs}n], "
+                f"got {tuple(video.shape)}"
             )
         video = video.to(self.post_quant_conv.weight)
         if tiling is None:
@@ -149,7 +166,12 @@ class HunyuanVideoVAE(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Checkpoint loading: the release's vae/pytorch_model.pt or diffusers' vae/*.safetensors.
 
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "pytorch_model.pt", "diffusion_pytorch_model.bin")
+WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "pytorch_model.pt",
+    "diffusion_pytorch_model.bin",
+)
 _JSON_RENAMES = {"temporal_compression_ratio": "time_compression_ratio"}  # diffusers -> release name
 
 
@@ -168,7 +190,9 @@ def find_vae_files(path: str | Path) -> tuple[Path, Path | None]:
             if (folder / name).is_file():
                 config = folder / "config.json"
                 return folder / name, config if config.is_file() else None
-    raise FileNotFoundError(f"no VAE weights in {path} or {path / 'vae'}: looked for {', '.join(WEIGHT_FILES)}")
+    raise FileNotFoundError(
+        f"no VAE weights in {path} or {path / 'vae'}: looked for {', '.join(WEIGHT_FILES)}"
+    )
 
 
 def config_from_json(path: str | Path) -> VAEConfig:
@@ -217,7 +241,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def check_state_dict(model: nn.Module, sd: dict, source: str | Path, config_source: str = "its config", show: int = 3) -> None:
+def check_state_dict(
+    model: nn.Module, sd: dict, source: str | Path, config_source: str = "its config", show: int = 3
+) -> None:
     """Raise VAECheckpointError naming the first `show` missing, unexpected and mis-shaped keys."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in sd]
@@ -233,7 +259,9 @@ def check_state_dict(model: nn.Module, sd: dict, source: str | Path, config_sour
         if keys
     ]
     if problems:
-        raise VAECheckpointError(f"{source}: does not match the VAE built from {config_source}: " + "; ".join(problems))
+        raise VAECheckpointError(
+            f"{source}: does not match the VAE built from {config_source}: " + "; ".join(problems)
+        )
 
 
 def load_vae(
@@ -250,7 +278,9 @@ def load_vae(
     """
     weights, config_json = find_vae_files(path_or_dir)
     cfg = config or (config_from_json(config_json) if config_json else VAEConfig())
-    cfg_source = "the config argument" if config else str(config_json or "the release defaults (no config.json)")
+    cfg_source = (
+        "the config argument" if config else str(config_json or "the release defaults (no config.json)")
+    )
     sd = read_state_dict(weights)
     with torch.device("meta"):
         model = HunyuanVideoVAE(cfg)

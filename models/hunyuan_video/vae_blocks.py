@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 Scale = tuple[int, int, int]  # (t, h, w) resampling factor, each 1 or 2
 
 
-def group_moments(x: torch.Tensor, groups: int, chunk_elems: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+def group_moments(
+    x: torch.Tensor, groups: int, chunk_elems: int = 1 << 26
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (biased) variance per (batch, group) of x `[B, C, T, ...]`, each `[B, G]`, in >= fp32.
 
     Frames are reduced in chunks of about `chunk_elems` per batch item, each upcast on its own (an
@@ -39,8 +41,8 @@ def group_moments(x: torch.Tensor, groups: int, chunk_elems: int = 1 << 26) -> t
         weights.append(part.shape[3] / t)
         means.append(mean)
         variances.append(var)
-    mean = sum(w * m for w, m in zip(weights, means))
-    var = sum(w * (v + (m - mean) ** 2) for w, m, v in zip(weights, means, variances))
+    mean = sum(w * m for w, m in zip(weights, means, strict=True))
+    var = sum(w * (v + (m - mean) ** 2) for w, m, v in zip(weights, means, variances, strict=True))
     return mean, var
 
 
@@ -142,7 +144,9 @@ class ResnetBlock(nn.Module):
         self.conv1 = CausalConv3d(in_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = CausalConv3d(out_channels, out_channels)
-        self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = (
+            CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
@@ -167,7 +171,9 @@ class CausalUpsample(nn.Module):
 
 
 class CausalDownsample(nn.Module):
-    """A strided causal 3x3x3 conv. `[B, C, T, H, W] -> [B, C, (T-1)/st + 1, H/sh, W/sw]` (T = 4k+1, H, W even)."""
+    """A strided causal 3x3x3 conv. `[B, C, T, H, W] -> [B, C, (T-1)/st + 1, H/sh, W/sw]`.
+
+    T - 1 must be a multiple of st and H, W of sh, sw (what `encode` checks at its input)."""
 
     def __init__(self, channels: int, scale: Scale):
         super().__init__()
@@ -188,7 +194,9 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     out = torch.empty_like(q)
     for start in range(0, q.shape[2], block):
         end = start + block
-        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end])
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, :end], v[:, :, :end]
+        )
     return out
 
 
@@ -270,7 +278,8 @@ class Encoder(nn.Module):
         ch, g, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
         self.conv_in = CausalConv3d(cfg.in_channels, ch[0])
         self.down_blocks = nn.ModuleList(
-            DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.block_scale(i), g, eps) for i in range(len(ch))
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.block_scale(i), g, eps)
+            for i in range(len(ch))
         )
         self.mid_block = MidBlock(ch[-1], g, eps, cfg.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(g, ch[-1], eps=eps)
@@ -293,7 +302,8 @@ class Decoder(nn.Module):
         self.conv_in = CausalConv3d(cfg.latent_channels, ch[0])
         # up_blocks registered before mid_block: the release's state_dict order.
         self.up_blocks = nn.ModuleList(
-            UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, cfg.block_scale(i), g, eps) for i in range(len(ch))
+            UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, cfg.block_scale(i), g, eps)
+            for i in range(len(ch))
         )
         self.mid_block = MidBlock(ch[0], g, eps, cfg.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(g, ch[-1], eps=eps)

@@ -15,9 +15,9 @@ the first drops it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
 
 import torch
 
@@ -139,7 +139,9 @@ def temporal_tiled(fn: TileFn, x: torch.Tensor, tile: int, stride: int, scale: F
     return out
 
 
-def _tiled(fn: TileFn, x: torch.Tensor, cfg: TilingConfig, units: tuple[int, int], scales: tuple[Fraction, Fraction]):
+def _tiled(
+    fn: TileFn, x: torch.Tensor, cfg: TilingConfig, units: tuple[int, int], scales: tuple[Fraction, Fraction]
+):
     """Temporal tiling outside, spatial tiling inside each temporal tile (the release's order)."""
     t_unit, s_unit = units
     t_scale, s_scale = scales
@@ -156,11 +158,17 @@ def _tiled(fn: TileFn, x: torch.Tensor, cfg: TilingConfig, units: tuple[int, int
     return per_time_tile(x)
 
 
-def tiled_decode(decode_fn: TileFn, z: torch.Tensor, cfg: TilingConfig, time_ratio: int, spatial_ratio: int) -> torch.Tensor:
+def tiled_decode(
+    decode_fn: TileFn, z: torch.Tensor, cfg: TilingConfig, time_ratio: int, spatial_ratio: int
+) -> torch.Tensor:
     """Latents `[B, C, T, h, w]` -> video `[B, C', time_ratio*(T-1)+1, h*ratio, w*ratio]`, tile by tile."""
     return _tiled(decode_fn, z, cfg, (1, 1), (Fraction(time_ratio), Fraction(spatial_ratio)))
 
 
-def tiled_encode(encode_fn: TileFn, x: torch.Tensor, cfg: TilingConfig, time_ratio: int, spatial_ratio: int) -> torch.Tensor:
+def tiled_encode(
+    encode_fn: TileFn, x: torch.Tensor, cfg: TilingConfig, time_ratio: int, spatial_ratio: int
+) -> torch.Tensor:
     """Video `[B, C, F, H, W]` -> moments `[B, C', (F-1)/time_ratio+1, H/ratio, W/ratio]`, tile by tile."""
-    return _tiled(encode_fn, x, cfg, (time_ratio, spatial_ratio), (Fraction(1, time_ratio), Fraction(1, spatial_ratio)))
+    return _tiled(
+        encode_fn, x, cfg, (time_ratio, spatial_ratio), (Fraction(1, time_ratio), Fraction(1, spatial_ratio))
+    )
