@@ -3,7 +3,8 @@
 
 Each case runs in its own subprocess so that peaks do not leak between cases: on CUDA the peak is
 `torch.cuda.max_memory_allocated` above what was allocated before the decode; on the CPU it is the
-process's resident high-water mark (`getrusage` maxrss) above the RSS just before the decode.
+process's resident high-water mark (VmHWM, reset just before the decode through
+/proc/self/clear_refs where the kernel allows) above the RSS at that moment.
 Weights are random (the structure, not the trained values, sets memory and time), so the
 "max|d|" column (tiled vs untiled, with --compare) measures seams of a random network, not quality.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -58,15 +58,21 @@ def split_tilings(spec: str) -> list[str]:
     return out
 
 
-def rss_bytes() -> int:
+def proc_status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes; both come from one set of counters."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    return 0
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def reset_peak_rss() -> bool:
+    """Set VmHWM to the current RSS (Linux >= 4.0), so the peak covers the decode alone."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def build(case: dict):
@@ -103,18 +109,21 @@ def run_case(case: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = rss_bytes()
+        peak_reset = reset_peak_rss()
+        base = proc_status_bytes("VmRSS")
     times = []
     for _ in range(case["repeat"]):
         start = time.perf_counter()
         video = vae.decode(z, tiling=tiling, clamp=False)
         sync(device)
         times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else maxrss_bytes()
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else proc_status_bytes("VmHWM")
         del video
     result = {"status": "ok", "time_s": min(times), "times_s": times, "peak_bytes": peak - base}
     if device == "cuda":
         result["peak_total_bytes"] = peak
+    else:
+        result["rss_peak_reset"] = peak_reset  # False: the peak may predate the decode (model build)
     if case.get("compare") and tiling is not None:
         tiled = vae.decode(z, tiling=tiling, clamp=False).float()
         diff = tiled - vae.decode(z, clamp=False).float()
