@@ -75,7 +75,7 @@ def _shape_problems(img, txt, txt_lens) -> list[str]:
     if any(t.dim() != 4 for t in img):
         return [f"image q/k/v must be [B, tokens, heads, head_dim], got shapes {[tuple(t.shape) for t in img]}"]
     if len({t.shape for t in img}) != 1 or len({(t.dtype, t.device) for t in img}) != 1:
-        problems.append("image q/k/v differ: " + ", ".join(f"{n} {tuple(t.shape)} {t.dtype}" for n, t in zip(names, img)))
+        problems.append("image q/k/v differ: " + ", ".join(f"{n} {tuple(t.shape)} {t.dtype}" for n, t in zip(names, img, strict=True)))
     b, _, h, d = img[0].shape
     if txt is not None:
         if any(t.dim() != 4 for t in txt) or len({t.shape for t in txt}) != 1:

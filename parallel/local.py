@@ -38,7 +38,7 @@ def _keys(k_img: torch.Tensor, k_txt: torch.Tensor | None, n_txt: int) -> torch.
     return torch.cat([k_img, k_txt[:, :n_txt]], dim=1)
 
 
-def _empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, s, h, _ = q.shape
     lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
     return torch.zeros_like(q), lse
@@ -67,7 +67,7 @@ def attend(
     for b, n_txt in enumerate(text.lens):
         item = slice(b, b + 1)
         if k.shape[1] + n_txt == 0:
-            out, lse = _empty_partial(q[item])
+            out, lse = empty_partial(q[item])
         else:
             keys = _keys(k[item], text.k[item], n_txt)
             vals = _keys(v[item], text.v[item], n_txt)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .comm import RingPass, all_gather_stacked
 from .kernels import Kernel
-from .local import TextKV, _empty_partial, attend, merge_into, merge_stacked
+from .local import TextKV, empty_partial, attend, merge_into, merge_stacked
 
 
 def fold_attention(
@@ -75,7 +75,7 @@ def ring_attention(
             else:
                 merge_into(acc_out, acc_lse, *block)
         if step == 0 and txt_q is not None:
-            txt_partial = attend(txt_q, k, v, kernel, scale, text if rank == 0 else None) or _empty_partial(txt_q)
+            txt_partial = attend(txt_q, k, v, kernel, scale, text if rank == 0 else None) or empty_partial(txt_q)
         if nxt is not None:
             passer.wait()
             cur = nxt

@@ -227,7 +227,7 @@ def fp32_reference(img, txt, rows):
 
 def floor_sdpa(ctx, img, txt, rows, ref):
     """1-GPU SDPA over the whole sequence (cuDNN on CUDA), run on every rank at once."""
-    q, k, v = (torch.cat([a, b], 1).transpose(1, 2) for a, b in zip(img, txt))
+    q, k, v = (torch.cat([a, b], 1).transpose(1, 2) for a, b in zip(img, txt, strict=True))
     backends = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION] if ctx.dev.type == "cuda" else [torch.nn.attention.SDPBackend.MATH]
 
     def run():
@@ -352,7 +352,7 @@ def run_bench(ctx):
 
 def print_table(ctx):
     bench = [r for r in ctx.rows if r["phase"] == "bench"]
-    print(f"\n| gpus | backend | ulysses x ring | kernel | seconds | peak GiB | rel err image | rel err text |")
+    print("\n| gpus | backend | ulysses x ring | kernel | seconds | peak GiB | rel err image | rel err text |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in bench:
         print(f"| {r.get('gpus_used', r['gpus'])} | {r['backend']} | {r['ulysses']}x{r['ring']} | {r['kernel']} | {r['seconds']:.4f} | {r['peak_gib']:.1f} | {r['rel_err_img']:.2e} | {r['rel_err_txt']:.2e} |")

@@ -85,7 +85,7 @@ def _all_factorisations(rank, world, heads):
 
 
 def _assert_results(per_rank):
-    for row in zip(*per_rank):  # the same (u, r, case) on every rank
+    for row in zip(*per_rank, strict=True):  # the same (u, r, case) on every rank
         tag = f"u{row[0]['u']}r{row[0]['r']} {row[0]['case']}"
         for res in row:
             assert res["img_err"] < TOL, f"{tag}: image rel err {res['img_err']:.2e}"
@@ -185,7 +185,7 @@ def _bad_inputs(rank, world):
 
 def test_bad_input_raises_on_every_rank_without_hanging():
     per_rank = run_ranks(_bad_inputs, 2, timeout=60, pg_timeout=20)
-    for rank, (errors, img_shape, txt_shape) in enumerate(per_rank):
+    for errors, img_shape, txt_shape in per_rank:
         assert "ulysses 2 does not divide 3 heads" in errors["heads"]
         assert "txt_lens [4] must lie in [0, 3]" in errors["txt_lens"]
         assert "SP rank 1: image shard has 3 tokens, but 8 valid tokens over 2 ranks need 4" in errors["one_rank_shard"]

@@ -1,5 +1,6 @@
 """Degrees, rank layout and the single-process mesh (no extra processes)."""
 
+import dataclasses
 import datetime
 
 import pytest
@@ -24,8 +25,8 @@ def test_dims_checked_against_world_size():
         ParallelDims(cfg=3, world_size=3)
     dims = ParallelDims.from_topology(Topology(dp=2, cfg=2, ring=2, ulysses=2), 16)
     assert dims.shape == (2, 2, 2, 2) and dims.sp == 4 and dims.topology.world_size == 16
-    with pytest.raises(Exception):
-        dims.ring = 4  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dims.ring = 4
 
 
 def test_rank_layout_is_row_major_with_ulysses_innermost():
