@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 
 from .cli import build_parser, run_config_from_args
+from models.hunyuan_video.text_encoder import TextEncoderError
+from models.weights import CheckpointError
+
 from .config import ConfigError
 
 
@@ -18,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
             for out in run_generate(cfg):
                 print(out)
             return 0
-    except ConfigError as err:
+    except (ConfigError, CheckpointError, TextEncoderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args.command}")

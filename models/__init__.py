@@ -14,7 +14,14 @@ from torch import nn
 
 from .hunyuan_video import PRESETS, HunyuanVideoConfig, HunyuanVideoDiT, get_preset
 from .hunyuan_video.checkpoint import diffusers_to_official, is_diffusers_layout
-from .weights import CheckpointError, assign_state_dict, check_state_dict, init_random_, read_state_dict
+from .weights import (
+    CheckpointError,
+    assign_state_dict,
+    check_state_dict,
+    init_random_,
+    read_state_dict,
+    resolve_checkpoint,
+)
 
 
 def list_presets() -> list[str]:
@@ -45,10 +52,12 @@ def build_model(
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load the release's pickle (`module`/`ema`), safetensors, or the diffusers layout into
     `model`, strictly: missing, unexpected or mis-shaped keys raise CheckpointError naming them."""
+    files = resolve_checkpoint(path)
     sd = read_state_dict(path)
     if is_diffusers_layout(sd):
         sd = diffusers_to_official(sd)
-    check_state_dict(model, sd, source=str(path))
+    source = files[0] if len(files) == 1 else f"{path} ({len(files)} files)"
+    check_state_dict(model, sd, source, target=f"the {model.config.name} DiT")
     assign_state_dict(model, sd)
     return model
 

@@ -45,7 +45,7 @@ def sdpa_joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens):
     q = torch.cat([img_q, txt_q], dim=1).transpose(1, 2)  # [B, H, S+L, D]
     k = torch.cat([img_k, txt_k], dim=1).transpose(1, 2)
     v = torch.cat([img_v, txt_v], dim=1).transpose(1, 2)
-    txt_valid = text_valid_mask(txt_lens, txt_q.shape[1])  # [B, L]
+    txt_valid = text_valid_mask(txt_lens.to(img_q.device), txt_q.shape[1])  # [B, L]
     key_valid = torch.cat([txt_valid.new_ones(txt_valid.shape[0], s), txt_valid], dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :])
     out = out.transpose(1, 2)  # [B, S+L, H, D]

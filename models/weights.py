@@ -107,33 +107,35 @@ def read_state_dict(path: str | Path) -> StateDict:
     return out
 
 
-def _first(items: list, n: int = 5) -> str:
-    head = ", ".join(str(i) for i in items[:n])
-    return head + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
-def check_state_dict(model: nn.Module, sd: StateDict, source: str) -> None:
-    """Raise CheckpointError naming the first missing, unexpected and mis-shaped keys."""
-    expected = model.state_dict()
+def check_state_dict(
+    model: nn.Module,
+    sd: StateDict,
+    source: str | Path,
+    *,
+    target: str = "the model",
+    error: type[CheckpointError] = CheckpointError,
+    show: int = 3,
+) -> None:
+    """Raise `error` naming the file and the first `show` missing, unexpected and mis-shaped keys,
+    e.g. "w.pt: does not match the model: 1 missing (a.bias); 2 unexpected (x, y)"."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
-    wrong = [
-        f"{k} {tuple(sd[k].shape)} (model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
+    misshaped = [
+        f"{k} {tuple(sd[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in sd and (not isinstance(sd[k], torch.Tensor) or tuple(sd[k].shape) != expected[k])
+    ]
+    problems = [
+        f"{len(keys)} {what} ({', '.join(keys[:show])}{', ...' if len(keys) > show else ''})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
     ]
     fp8 = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_first(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_first(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes: {_first(wrong)}")
     if fp8 and not problems:
-        problems.append(f"float8 tensors need their scale map, which this loader does not read: {_first(fp8)}")
+        problems.append(f"{len(fp8)} float8 tensors need their scale map, which this loader does not read ({fp8[0]}, ...)")
     if problems:
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+        raise error(f"{source}: does not match {target}: " + "; ".join(problems))
 
 
 @torch.no_grad()

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,3 +48,60 @@ def test_generate_writes_video_record_latents_and_grid(tmp_path):
     proc = _generate(tmp_path)
     assert proc.returncode == 2 and "output exists" in proc.stderr and "--overwrite" in proc.stderr
     assert video.stat().st_mtime_ns == before
+
+
+def _write_release_ckpts(root):
+    """A tiny model directory laid out like the release's `ckpts/`: DiT pickle under `module`,
+    VAE pickle with config.json, LLM and CLIP folders."""
+    import models
+    from models.hunyuan_video.vae import VAE_PRESETS, HunyuanVideoVAE
+    from models.weights import init_random_
+    from tiny_text_models import write_release_text_encoders
+
+    write_release_text_encoders(root)
+    sub = root / "hunyuan-video-t2v-720p"
+    (sub / "transformers").mkdir(parents=True)
+    (sub / "vae").mkdir()
+    dit = models.build_model("tiny", seed=11)
+    torch.save({"module": dit.state_dict()}, sub / "transformers" / "mp_rank_00_model_states.pt")
+    vcfg = VAE_PRESETS["tiny"]
+    vae = init_random_(HunyuanVideoVAE(vcfg), 12)
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, sub / "vae" / "pytorch_model.pt")
+    (sub / "vae" / "config.json").write_text(json.dumps({
+        "block_out_channels": list(vcfg.block_out_channels), "layers_per_block": vcfg.layers_per_block,
+        "norm_num_groups": vcfg.norm_num_groups, "latent_channels": vcfg.latent_channels,
+    }))
+    return dit
+
+
+def test_generate_from_a_release_layout_model_dir(tmp_path):
+    from launcher.video import probe_video
+
+    ckpts = tmp_path / "ckpts"
+    _write_release_ckpts(ckpts)
+    out = tmp_path / "out"
+    proc = _generate(out, "--model-dir", str(ckpts), "--save-latents")
+    assert proc.returncode == 0, proc.stderr
+    video = Path(proc.stdout.strip().splitlines()[-1])
+    assert probe_video(video)["frames"] == 9
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["model"]["model_dir"] == str(ckpts)
+    # Loaded weights, not the seeded random ones: the latents differ from a run without --model-dir.
+    random_run = _generate(tmp_path / "random", "--save-latents")
+    assert random_run.returncode == 0, random_run.stderr
+    name = "a-cat-walks-on-the-grass_seed5.latents.safetensors"
+    a, b = load_file(str(out / name))["latents"], load_file(str(tmp_path / "random" / name))["latents"]
+    assert not torch.allclose(a, b)
+
+
+def test_bad_checkpoint_in_model_dir_exits_2_with_the_file_named(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    dit = _write_release_ckpts(ckpts)
+    sd = dit.state_dict()
+    del sd["final_layer.linear.bias"]
+    path = ckpts / "hunyuan-video-t2v-720p" / "transformers" / "mp_rank_00_model_states.pt"
+    torch.save({"module": sd}, path)
+    proc = _generate(tmp_path / "out", "--model-dir", str(ckpts))
+    assert proc.returncode == 2
+    assert f"error: {path}: does not match the tiny DiT: 1 missing (final_layer.linear.bias)" in proc.stderr
+    assert not list((tmp_path / "out").glob("*.mp4"))

@@ -92,7 +92,9 @@ class HunyuanVideoDiT(nn.Module):
         `[B, pooled_dim]`, guidance `[B]` (scale x 1000) -> `[B, S, C_out*pt*ph*pw]`."""
         dtype = self.final_layer.linear.weight.dtype
         valid = txt_mask.bool()
-        txt_lens = valid.sum(1)
+        # On the host: attention implementations read the lengths as ints, and a device tensor
+        # would cost a sync in every block instead of one here.
+        txt_lens = valid.sum(1).cpu()
         vec = self.conditioning(timestep, pooled.to(dtype), guidance)
         x = self.img_in(img.to(dtype))
         t = self.txt_in(txt.to(dtype), timestep, valid)

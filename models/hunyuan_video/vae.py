@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.hunyuan_video.vae_blocks import Decoder, Encoder
-from models.hunyuan_video.vae_tiling import TilingConfig, tiled_decode, tiled_encode
+from ..weights import CheckpointError, check_state_dict
+from ..weights import read_state_dict as read_weights
+from .vae_blocks import Decoder, Encoder
+from .vae_tiling import TilingConfig, tiled_decode, tiled_encode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,10 +174,11 @@ WEIGHT_FILES = (
     "pytorch_model.pt",
     "diffusion_pytorch_model.bin",
 )
+RELEASE_SUBDIR = "hunyuan-video-t2v-720p"  # the release's ckpts/ holds the DiT and VAE under it
 _JSON_RENAMES = {"temporal_compression_ratio": "time_compression_ratio"}  # diffusers -> release name
 
 
-class VAECheckpointError(ValueError):
+class VAECheckpointError(CheckpointError):
     """A checkpoint whose keys or shapes do not match the model built from the config."""
 
 
@@ -185,7 +188,7 @@ def find_vae_files(path: str | Path) -> tuple[Path, Path | None]:
     if path.is_file():
         config = path.parent / "config.json"
         return path, config if config.is_file() else None
-    for folder in (path, path / "vae"):
+    for folder in (path, path / "vae", path / RELEASE_SUBDIR / "vae"):
         for name in WEIGHT_FILES:
             if (folder / name).is_file():
                 config = folder / "config.json"
@@ -214,54 +217,16 @@ def config_from_json(path: str | Path) -> VAEConfig:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file on the CPU (memory-mapped where the format allows).
+    """Tensors of a VAE checkpoint file on the CPU (memory-mapped where the format allows).
 
-    Unwraps a `state_dict` / `module` / `model` entry, and when any key starts with `vae.` keeps
-    only those keys with the prefix removed (the release's loader does the same: its file may hold
-    other modules' weights beside the VAE's).
+    Unwrapping (`state_dict` / `module` / ...) is the shared reader's; when any key starts with
+    `vae.` only those keys are kept, prefix removed (the release's loader does the same: its file
+    may hold other modules' weights beside the VAE's).
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path), device="cpu")
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file
-    for wrapper in ("state_dict", "module", "model"):
-        if isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-            break
+    sd = read_weights(path)
     if any(k.startswith("vae.") for k in sd):
         sd = {k.removeprefix("vae."): v for k, v in sd.items() if k.startswith("vae.")}
     return sd
-
-
-def check_state_dict(
-    model: nn.Module, sd: dict, source: str | Path, config_source: str = "its config", show: int = 3
-) -> None:
-    """Raise VAECheckpointError naming the first `show` missing, unexpected and mis-shaped keys."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshaped = [
-        f"{k} {tuple(sd[k].shape)} != {expected[k]}"
-        for k in expected
-        if k in sd and (not isinstance(sd[k], torch.Tensor) or tuple(sd[k].shape) != expected[k])
-    ]
-    problems = [
-        f"{len(keys)} {what} ({', '.join(keys[:show])}{', ...' if len(keys) > show else ''})"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-        if keys
-    ]
-    if problems:
-        raise VAECheckpointError(
-            f"{source}: does not match the VAE built from {config_source}: " + "; ".join(problems)
-        )
 
 
 def load_vae(
@@ -284,7 +249,7 @@ def load_vae(
     sd = read_state_dict(weights)
     with torch.device("meta"):
         model = HunyuanVideoVAE(cfg)
-    check_state_dict(model, sd, weights, cfg_source)
+    check_state_dict(model, sd, weights, target=f"the VAE built from {cfg_source}", error=VAECheckpointError)
     model.load_state_dict(sd, strict=True, assign=True)  # adopts the (mmapped) tensors: no 2nd copy
     dtype = dtype or next(iter(sd.values())).dtype
     return model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
