@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
-            from .pipeline import run_generate
+            from .job import run_generate
 
             cfg = run_config_from_args(args)
             for out in run_generate(cfg):

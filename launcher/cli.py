@@ -30,6 +30,18 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=int, default=24)
     p.add_argument("--vae-tiling", default="auto", choices=("auto", "release", "small", "off"),
                    help="VAE decode tiling: the release's tiles (auto), 17x16x16-latent tiles (small), or none")
+    p.add_argument("--negative-prompt", help="classic CFG: the negative prompt (with --cfg-scale != 1)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classic CFG scale (1 = off, the release's default)")
+    par = p.add_argument_group("parallelism (torchrun)")
+    par.add_argument("--ulysses", type=int, help="Ulysses degree (default: the topology table's choice)")
+    par.add_argument("--ring", type=int, help="ring degree (default: the topology table's choice)")
+    par.add_argument("--cfg", type=int, dest="cfg_degree",
+                     help="2: conditional and negative passes on separate ranks (default when CFG is on and "
+                          "the GPU count allows); 1: one after the other")
+    par.add_argument("--dp", type=int, default=1, help="data-parallel replicas: prompts are spread over them")
+    par.add_argument("--timeout", type=float, default=600.0, dest="timeout_s",
+                     help="seconds any collective may wait before the job fails")
+    par.add_argument("--log-all-ranks", action="store_true", help="every rank logs, prefixed with its rank")
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -63,6 +75,14 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         overwrite=args.overwrite,
         fps=args.fps,
         vae_tiling=args.vae_tiling,
+        negative_prompt=args.negative_prompt,
+        cfg_scale=args.cfg_scale,
+        ulysses=args.ulysses,
+        ring=args.ring,
+        cfg_degree=args.cfg_degree,
+        dp=args.dp,
+        timeout_s=args.timeout_s,
+        log_all_ranks=args.log_all_ranks,
     )
 
 

@@ -57,6 +57,20 @@ class RunConfig:
     overwrite: bool = False
     fps: int = 24
     vae_tiling: str = "auto"
+    negative_prompt: str | None = None
+    cfg_scale: float = 1.0
+    # Parallel degrees; None lets the topology table (or its rule) choose.
+    ulysses: int | None = None
+    ring: int | None = None
+    cfg_degree: int | None = None
+    dp: int = 1
+    timeout_s: float = 600.0
+    log_all_ranks: bool = False
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Classic CFG with a negative pass (besides the embedded guidance)."""
+        return self.negative_prompt is not None and self.cfg_scale != 1.0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -112,6 +126,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--device {cfg.device!r}; valid: {', '.join(DEVICES)}")
     if not cfg.prompts or any(not p.strip() for p in cfg.prompts):
         raise ConfigError("no prompt: give --prompt TEXT or --prompts-file FILE with one prompt per line")
+    if cfg.cfg_degree not in (None, 1, 2):
+        raise ConfigError(f"--cfg {cfg.cfg_degree}: valid: 1 (CFG passes one after the other) or 2 (in parallel)")
+    if cfg.cfg_degree == 2 and not cfg.uses_cfg:
+        raise ConfigError("--cfg 2 runs the negative pass on its own ranks: give --negative-prompt and --cfg-scale != 1")
+    if cfg.dp < 1 or cfg.timeout_s <= 0:
+        raise ConfigError(f"--dp {cfg.dp} / --timeout {cfg.timeout_s}: must be positive")
     if cfg.model_dir is not None and not cfg.model_dir.is_dir():
         raise ConfigError(f"--model-dir {cfg.model_dir}: no such directory")
 

@@ -1,0 +1,228 @@
+"""`generate` on one process or under torchrun: validate, build the mesh, denoise shards,
+gather, decode on each replica's first rank, write.
+
+Order matters for failure behaviour: everything that can reject the job (arguments, topology,
+output paths, weight folders, the DiT checkpoint's keys and shapes) runs on every rank before the
+first collective, so every rank exits with the same message instead of some ranks hanging. After
+that, every collective has the job's timeout, and torchrun ends all ranks when one fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.hunyuan_video import HunyuanVideoConfig, get_preset
+from models.sampling import TextConditioning, classifier_free, euler_loop, guided_velocity, model_velocity
+from models.scheduler import FlowMatchEuler
+from parallel.mesh import SP_AXES, MeshAxis, ParallelDims, ParallelMesh, build_parallel_mesh, init_distributed, teardown
+from parallel.parallelize import (
+    SequenceShard,
+    all_finite,
+    broadcast_object,
+    cfg_parallel_velocity,
+    gather_objects,
+    parallelize,
+)
+from parallel.topology import ResolvedTopology, TopologyError, default_table_path, load_topology_table
+
+from . import pipeline as ph
+from .config import ConfigError, RunConfig
+from .record import PhaseTimer, command_line, now_iso, peak_memory, versions
+
+log = logging.getLogger("launcher")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every rank knows once validation passed."""
+
+    cfg: RunConfig
+    dit: HunyuanVideoConfig
+    topology: ResolvedTopology
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    level = logging.INFO if rank == 0 or all_ranks else logging.WARNING
+    logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
+
+
+def choose_topology(cfg: RunConfig, dit: HunyuanVideoConfig, world: int) -> ResolvedTopology:
+    """Degrees for this job: explicit flags, else the model's topology table, else the rule.
+    A table written for another head count is not used (its rows assume those heads)."""
+    table = load_topology_table(default_table_path("hunyuan_video"))
+    if table.heads != dit.num_heads:
+        table = dataclasses.replace(table, heads=dit.num_heads, entries={})
+    cfg_degree = cfg.cfg_degree
+    if cfg_degree is None:  # CFG in parallel when it is on and the ranks split evenly
+        cfg_degree = 2 if cfg.uses_cfg and world % (2 * cfg.dp) == 0 else 1
+    try:
+        return table.resolve(
+            height=cfg.height, width=cfg.width, frames=cfg.frames, world_size=world,
+            cfg=cfg_degree, dp=cfg.dp, ulysses=cfg.ulysses, ring=cfg.ring,
+        )
+    except TopologyError as err:
+        raise ConfigError(str(err)) from None
+
+
+def validate_job(cfg: RunConfig) -> tuple[Job, list[dict[str, Path]], torch.nn.Module | None]:
+    """Every check that can reject the job; no collective. Returns the job, the output paths of
+    every prompt, and the DiT with its checkpoint assigned on the meta device (or None)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    dit = get_preset(cfg.preset)
+    topology = choose_topology(cfg, dit, world)
+    paths = [ph.output_paths(cfg, i) for i in range(len(cfg.prompts))]
+    ph.check_model_dir(cfg)
+    device, dtype = ph.resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    loaded = ph.load_dit_weights(cfg, dtype)
+    return Job(cfg, dit, topology, rank, world, device, dtype), paths, loaded
+
+
+def run_generate(cfg: RunConfig) -> list[Path]:
+    """The whole job on this rank; returns the videos this rank wrote."""
+    setup_logging(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), cfg.log_all_ranks)
+    job, paths, loaded = validate_job(cfg)
+    topo = job.topology
+    log.info("topology %s (%s): dp %d, cfg %d, ring %d, ulysses %d on %d rank(s)",
+             topo.topology.sp_label, topo.source, topo.topology.dp, topo.topology.cfg,
+             topo.topology.ring, topo.topology.ulysses, job.world)
+    mesh = None
+    try:
+        if job.world > 1:
+            info = init_distributed(device_type=job.device.type, timeout=cfg.timeout_s)
+            dims = ParallelDims.from_topology(topo.topology, job.world)
+            mesh = build_parallel_mesh(dims, device=info.device, timeout=cfg.timeout_s)
+        return _run(job, paths, loaded, mesh)
+    finally:
+        teardown()
+
+
+def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
+    cfg, dit = job.cfg, job.dit
+    timer = PhaseTimer(job.device)
+    with timer.phase("text_encode"):
+        conds = ph.encode_prompts(cfg, dit, job.device, job.dtype) if job.rank == 0 else None
+        if mesh is not None:
+            conds = broadcast_object(conds)
+    with timer.phase("load_dit"):
+        model = ph.materialise_dit(cfg, loaded, job.device, job.dtype)
+    grid = dit.token_grid(cfg.height, cfg.width, cfg.frames)
+    shard = parallelize(model, mesh, num_tokens=math.prod(grid))
+    cos, sin = model.rope(grid)
+    rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
+    dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
+    latents: dict[int, torch.Tensor] = {}
+    denoise_s: dict[int, float] = {}
+    for i in range(dp_rank, len(cfg.prompts), cfg.dp):
+        before = timer.seconds.get("denoise", 0.0)
+        with timer.phase("denoise"):
+            tokens = denoise_one(job, model, shard, rope, conds, i, mesh)
+        latents[i] = ph.tokens_to_latents(tokens.cpu(), cfg, dit)
+        denoise_s[i] = timer.seconds["denoise"] - before
+    peaks = gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
+    del model, rope
+    if job.device.type == "cuda":
+        torch.cuda.empty_cache()
+    written = []
+    if _is_writer(mesh):
+        written = _decode_and_write(job, paths, latents, denoise_s, timer, peaks)
+    if mesh is not None:
+        torch.distributed.barrier()  # other ranks wait (with the timeout) for the writers
+    return written
+
+
+def _is_writer(mesh: ParallelMesh | None) -> bool:
+    """The first rank of each dp replica decodes and writes that replica's videos."""
+    return mesh is None or (mesh.sp_rank == 0 and mesh.local_rank(MeshAxis.CFG) == 0)
+
+
+def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextConditioning], i: int, mesh):
+    """Prompt `i` from its seeded noise to the whole sequence of denoised tokens `[1, S, F]`."""
+    cfg, dit, device = job.cfg, job.dit, job.device
+    guidance = cfg.guidance if dit.guidance_embed else None
+    cond = conds[i].to(device)
+    negative = conds[-1].to(device) if cfg.uses_cfg else None
+    if mesh is not None and mesh.size(MeshAxis.CFG) == 2:
+        mine = cond if mesh.local_rank(MeshAxis.CFG) == 0 else negative
+        own = model_velocity(model, rope, mine, guidance)
+        velocity = cfg_parallel_velocity(own, mesh, partial(classifier_free, scale=cfg.cfg_scale))
+    else:
+        velocity = guided_velocity(model, rope, cond, embedded_guidance=guidance, negative=negative,
+                                   cfg_scale=cfg.cfg_scale)
+    tokens = shard.shard(ph.noise_tokens(cfg, dit, cfg.seed + i)).to(device)
+    sp_group = mesh.group(*SP_AXES) if mesh is not None else None
+    with tqdm(total=cfg.steps, desc=f"prompt {i + 1}/{len(cfg.prompts)}", unit="step",
+              disable=job.rank != 0, leave=False) as bar:
+
+        def on_step(step: int, x: torch.Tensor) -> None:
+            if not all_finite(x, sp_group):
+                raise ph.NonFiniteLatents(f"NaN or Inf in the latents after denoising step {step + 1} of {cfg.steps}")
+            bar.update(1)
+
+        with torch.inference_mode():
+            out = euler_loop(tokens, velocity, FlowMatchEuler(steps=cfg.steps, shift=cfg.flow_shift), on_step)
+            return shard.gather(out)
+
+
+def _decode_and_write(job: Job, paths, latents, denoise_s, timer: PhaseTimer, peaks) -> list[Path]:
+    from .video import write_json_atomic
+
+    cfg = job.cfg
+    written = []
+    if not latents:
+        return written
+    with timer.phase("load_vae"):
+        vae = ph.load_vae_for(cfg, job.dit, job.device)
+    for i, lat in latents.items():
+        with timer.phase("vae_decode"):
+            video = ph.decode(vae, lat, cfg.vae_tiling)
+        with timer.phase("write"):
+            ph.write_outputs(cfg, paths[i], video, lat)
+        write_json_atomic(record(job, i, timer, denoise_s[i], peaks, paths[i]), paths[i]["record"],
+                          overwrite=cfg.overwrite)
+        log.info("wrote %s", paths[i]["video"])
+        written.append(paths[i]["video"])
+    return written
+
+
+def record(job: Job, i: int, timer: PhaseTimer, denoise_s: float, peaks: list[dict], paths) -> dict:
+    """The JSON record beside video `i`."""
+    cfg, topo = job.cfg, job.topology.topology
+    return {
+        "prompt": cfg.prompts[i],
+        "negative_prompt": cfg.negative_prompt if cfg.uses_cfg else None,
+        "seed": cfg.seed + i,
+        "model": {"preset": cfg.preset, "model_dir": None if cfg.model_dir is None else str(cfg.model_dir)},
+        "size": [cfg.height, cfg.width],
+        "frames": cfg.frames,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "cfg_scale": cfg.cfg_scale,
+        "flow_shift": cfg.flow_shift,
+        "fps": cfg.fps,
+        "dtype": str(job.dtype).removeprefix("torch."),
+        "device": str(job.device),
+        "topology": {"world_size": job.world, "dp": topo.dp, "cfg": topo.cfg, "ring": topo.ring,
+                     "ulysses": topo.ulysses, "source": job.topology.source},
+        "timings_s": {**timer.seconds, "denoise_this_video": denoise_s},
+        "peak_memory": peak_memory(job.device),
+        "peak_memory_per_rank": peaks,
+        "versions": versions(),
+        "outputs": {k: str(v) for k, v in paths.items()},
+        "command": command_line(),
+        "finished": now_iso(),
+    }
