@@ -1,0 +1,168 @@
+"""GPU memory of one `generate` rank, estimated from shapes alone (no GPU, no process group).
+
+Three parts, in bytes, all for inference (no autograd state) and batch 1 per rank (CFG branches
+run one after the other, or on their own ranks with ``cfg = 2``; dp replicas hold one video each):
+
+- DiT weights: parameters x bytes per element of ``--dtype``, replicated on every rank today.
+- DiT activations of one forward at this rank's token count (:func:`dit_activations`).
+- VAE decode on the first rank of each dp replica, after the DiT is freed
+  (:func:`vae_decode_bytes`), plus the VAE's fp16 weights.
+
+Not included: the CUDA context and caching-allocator slack (typically 1-2 GiB), and the text
+encoders (run on rank 0 before the DiT is loaded, then freed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from models.hunyuan_video.vae_tiling import TILING_PRESETS, TilingConfig
+
+GIB = 2**30
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+VAE_DTYPE_BYTES = 2  # the pipeline decodes in fp16 on CUDA whatever --dtype is (as the release)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationEstimate:
+    """Peak live activation bytes of one DiT forward on one rank, in its two candidate phases."""
+
+    mlp_phase: int
+    attention_phase: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.mlp_phase, self.attention_phase)
+
+    @property
+    def peak_phase(self) -> str:
+        return "MLP" if self.mlp_phase >= self.attention_phase else "attention"
+
+
+def dit_activations(
+    *,
+    image_tokens: int,
+    text_tokens: int,
+    hidden: int,
+    mlp_hidden: int,
+    ulysses: int,
+    ring: int,
+    dtype_bytes: int,
+) -> ActivationEstimate:
+    """Live activations at the widest point of one DiT forward, an upper bound of the tensors held.
+
+    S = image tokens on this rank (padding included), L = text tokens (whole on every rank),
+    C = hidden size, M = MLP hidden size (4C), b = bytes per element; every term is [tokens, width].
+    The single-stream block is the widest (its ``linear1`` emits q, k, v and the MLP input at once;
+    a double-stream block peaks lower, at its MLP). Its two candidate peaks:
+
+    MLP phase, at ``cat([attention, GELU(mlp)])`` before ``linear2``:
+        b (S + L) (C + (3C + M) + 2C + 2C + C + M + (C + M)) = b (S + L) (10C + 3M)
+        block input | linear1 output (q, k, v and the MLP input share it) | q, k after RMSNorm |
+        q, k after RoPE | attention output | GELU output | the concatenation
+
+    Attention phase, inside the attention call: the block state b (S + L)(C + (3C + M) + 4C), plus
+    the larger of two sets of attention buffers (a chunk [U*S, H/U, D] holds S*C elements):
+        all-to-all (U > 1):  9 b S C  (q, k, v each in send, receive and output buffers at once)
+        steady:              4 b S C  (q, k, v in the attention layout; the output)
+                  + if R > 1: 3 b S C + 4 S C  (next K/V chunk in flight; this step's partial;
+                                                the fp32 log-sum-exp accumulator [U*S, H/U, D])
+
+    Neglected (< 1%): RoPE tables 2 S D fp32, text head slices L C / U, kernel workspaces, the
+    sampler's [S, 64] fp32 latents.
+
+    Checked: tests/test_plan.py traces the blocks' live tensors on the meta device; a one-off run
+    on an H200 (hunyuan-video-2block, bf16, one process, fused SDPA, S = 14,850 to 118,800) peaked
+    0.1-0.7% below this estimate (torch.cuda.max_memory_allocated above the inputs).
+    """
+    s, tokens, c, m, b = image_tokens, image_tokens + text_tokens, hidden, mlp_hidden, dtype_bytes
+    mlp_phase = b * tokens * (10 * c + 3 * m)
+    block_state = b * tokens * (8 * c + m)
+    all_to_all = 9 * b * s * c if ulysses > 1 else 0
+    steady = 4 * b * s * c + ((3 * b + 4) * s * c if ring > 1 else 0)
+    return ActivationEstimate(mlp_phase=mlp_phase, attention_phase=block_state + max(all_to_all, steady))
+
+
+# --------------------------------------------------------------------------------------------
+# VAE decode
+# --------------------------------------------------------------------------------------------
+
+# Peaks of the release VAE's decode above the memory held before it (weights, latents), measured
+# by scripts/bench_vae_memory.py on an H200 in fp16: (latent T, h, w), tiling, GiB. The small
+# tiles were reported as a range, 3.6-4.2 GB, assigned here to the two sizes in order; "GB" is
+# read as GiB (2^30), the larger and so safer reading.
+VAE_DECODE_MEASURED_GIB = (
+    ((9, 32, 32), "off", 5.4),
+    ((17, 40, 40), "off", 16.5),
+    ((33, 90, 160), "release", 12.2),
+    ((33, 68, 120), "release", 11.6),
+    ((33, 68, 120), "small", 3.6),
+    ((33, 90, 160), "small", 4.2),
+)
+# decode = VAE_BYTES_PER_TILE_VOXEL x (latent voxels of the largest tile)
+#        + VAE_BYTES_PER_LATENT_VOXEL x (latent voxels of the whole video)
+# Whole-video term: the two release-tiling sizes share a tile and differ by 0.6 GiB over 205,920
+# latent voxels: 3,129 B per voxel = 12.2 B per output pixel-frame, i.e. two fp16 RGB copies of
+# the video (the output and the temporal tiles being stitched). Tile term: the largest of
+# (peak - whole-video term) / tile voxels over the six points, 626-695 kB (small tiles cost most
+# per voxel), rounded up: the model never falls below a measurement and is at most 12% above one.
+VAE_BYTES_PER_TILE_VOXEL = 695_000
+VAE_BYTES_PER_LATENT_VOXEL = 3_130
+VAE_LARGEST_MEASURED_UNTILED = 17 * 40 * 40  # beyond this, "off" is an extrapolation
+
+
+def vae_tiling_config(mode: str) -> TilingConfig | None:
+    """``--vae-tiling`` (``launcher.config.VAE_TILINGS``) -> the tiling the pipeline decodes with, as
+    ``launcher.pipeline.decode`` maps it: auto = release, off = None (one pass)."""
+    mode = "release" if mode == "auto" else mode
+    return None if mode == "off" else TILING_PRESETS[mode]
+
+
+def vae_tile(latent: tuple[int, int, int], tiling: TilingConfig | None) -> tuple[int, int, int]:
+    """(T, h, w) of the largest tile the decode runs, by the rules of ``vae_tiling._tiled``: time
+    is tiled in windows of tile + 1 latent frames when T > tile; space in tile x tile windows
+    (clipped to h, w) when max(h, w) > tile."""
+    t, h, w = latent
+    if tiling is None:
+        return latent
+    if tiling.temporal and t > tiling.temporal_tile:
+        t = tiling.temporal_tile + 1
+    if tiling.spatial and max(h, w) > tiling.spatial_tile:
+        h, w = min(h, tiling.spatial_tile), min(w, tiling.spatial_tile)
+    return t, h, w
+
+
+def vae_decode_bytes(latent: tuple[int, int, int], tiling: TilingConfig | None) -> int:
+    """Peak bytes of the release VAE's fp16 decode of ``latent`` (T, h, w), weights excluded
+    (see the model above ``VAE_BYTES_PER_TILE_VOXEL``)."""
+    tile = math.prod(vae_tile(latent, tiling))
+    return VAE_BYTES_PER_TILE_VOXEL * tile + VAE_BYTES_PER_LATENT_VOXEL * math.prod(latent)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimate:
+    """Per-rank bytes of the two phases of a job: denoise (every rank) and decode (the first rank
+    of each dp replica, after the DiT is freed). ``vae_*`` are None for a VAE with no calibration."""
+
+    dit_params: int
+    dit_weights: int
+    activations: ActivationEstimate
+    vae_tiling: str
+    vae_tile: tuple[int, int, int]
+    vae_weights: int | None
+    vae_decode: int | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def denoise(self) -> int:
+        return self.dit_weights + self.activations.peak
+
+    @property
+    def decode(self) -> int | None:
+        return None if self.vae_decode is None else self.vae_weights + self.vae_decode
+
+    @property
+    def writer_peak(self) -> int:
+        """The first rank of a dp replica: the larger of its two phases."""
+        return max(self.denoise, self.decode or 0)

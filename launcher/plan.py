@@ -1,0 +1,342 @@
+"""`python -m launcher plan`: what a `generate` job would run on N GPUs, without GPUs.
+
+No process group and no weights: the topology comes from the same table and resolution as
+`generate` (``TopologyTable.resolve``), the token counts from the preset's token grid and
+``parallel/sequence.py``'s padding, and the memory from shapes (``launcher/memory_estimate.py``).
+
+    python -m launcher plan --size 720x1280 --frames 129 --gpus 4
+    python -m launcher plan --model hunyuan-video-13b --gpus 8 --cfg 2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import models
+from models.hunyuan_video import HunyuanVideoConfig, get_preset
+from models.hunyuan_video.text_encoder import TEXT_LEN
+from models.hunyuan_video.vae import VAE_PRESETS, HunyuanVideoVAE
+from parallel.sequence import padded_length, shard_length
+from parallel.topology import (
+    ResolvedTopology,
+    Topology,
+    TopologyError,
+    TopologyTable,
+    default_table_path,
+    factorisations,
+    load_topology_table,
+)
+
+from .config import DTYPES, PRESET_DEFAULTS, VAE_TILINGS, ConfigError, RunConfig, parse_size
+from .memory_estimate import (
+    DTYPE_BYTES,
+    GIB,
+    VAE_DTYPE_BYTES,
+    VAE_LARGEST_MEASURED_UNTILED,
+    MemoryEstimate,
+    dit_activations,
+    vae_decode_bytes,
+    vae_tile,
+    vae_tiling_config,
+)
+
+CALIBRATED_VAE = "hunyuan-video"  # the VAE preset the decode measurements were taken with
+NOT_INCLUDED = "CUDA context, allocator slack (~1-2 GiB); text encoders (rank 0, freed before the DiT loads)"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """One job on ``gpus`` ranks: its topology and why, its tokens, its memory per rank."""
+
+    preset: str
+    height: int
+    width: int
+    frames: int
+    gpus: int
+    dtype: str
+    heads: int
+    topologies: tuple[Topology, ...]  # every valid one for gpus / cfg / dp, preferred first
+    chosen: ResolvedTopology
+    reason: str
+    latent_grid: tuple[int, int, int]
+    token_grid: tuple[int, int, int]
+    image_tokens: int
+    tokens_per_rank: int  # padding included
+    padded_tokens: int  # tokens_per_rank x sequence-parallel size
+    pad_tokens: int
+    text_tokens: int
+    memory: MemoryEstimate
+
+    @property
+    def topology(self) -> Topology:
+        return self.chosen.topology
+
+
+def make_plan(
+    *,
+    preset: str = "hunyuan-video-13b",
+    height: int,
+    width: int,
+    frames: int,
+    gpus: int,
+    dtype: str = "bf16",
+    cfg: int = 1,
+    dp: int = 1,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    vae_tiling: str = "auto",
+) -> Plan:
+    """The plan of one job. Raises ConfigError (size, frames, preset, dtype, GPUs) or TopologyError
+    with the same messages `generate` gives."""
+    check_job(preset=preset, height=height, width=width, frames=frames, dtype=dtype, vae_tiling=vae_tiling)
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: must be at least 1")
+    dit = get_preset(preset)
+    table = topology_table(dit)
+    chosen = table.resolve(
+        height=height, width=width, frames=frames, world_size=gpus, cfg=cfg, dp=dp, ulysses=ulysses, ring=ring
+    )
+    topo = chosen.topology
+    grid, latent = dit.token_grid(height, width, frames), dit.latent_grid(height, width, frames)
+    n = math.prod(grid)
+    per_rank, padded = shard_length(n, topo.sp), padded_length(n, topo.sp)
+    return Plan(
+        preset=preset, height=height, width=width, frames=frames, gpus=gpus, dtype=dtype,
+        heads=dit.num_heads, topologies=factorisations(gpus, dit.num_heads, cfg=cfg, dp=dp),
+        chosen=chosen, reason=explain(chosen, table, height, width, frames, ulysses, ring),
+        latent_grid=latent, token_grid=grid, image_tokens=n, tokens_per_rank=per_rank,
+        padded_tokens=padded, pad_tokens=padded - n, text_tokens=TEXT_LEN,
+        memory=estimate_memory(dit, dtype, per_rank, topo, latent, vae_tiling),
+    )
+
+
+def check_job(*, preset: str, height: int, width: int, frames: int, dtype: str, vae_tiling: str) -> None:
+    """`generate`'s own checks of these values (``RunConfig`` validation, so the same messages).
+    The RunConfig is built only to be validated: its prompt and output folder are placeholders."""
+    RunConfig(
+        preset=preset, model_dir=None, prompts=("plan",), height=height, width=width, frames=frames,
+        steps=1, seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."), dtype=dtype,
+        vae_tiling=vae_tiling,
+    )
+
+
+def topology_table(dit: HunyuanVideoConfig) -> TopologyTable:
+    """The table `generate` resolves with (``launcher/job.py``): the model family's YAML, without
+    its rows for a preset of another head count (they were chosen for the table's heads)."""
+    table = load_topology_table(default_table_path("hunyuan_video"))
+    if table.heads != dit.num_heads:
+        table = dataclasses.replace(table, heads=dit.num_heads, entries={})
+    return table
+
+
+def explain(chosen: ResolvedTopology, table: TopologyTable, height, width, frames, ulysses, ring) -> str:
+    """Why this topology: the explicit flags, the table row, or the rule."""
+    topo, path = chosen.topology, os.path.relpath(table.path, REPO)
+    if chosen.source == "explicit":
+        flags = " ".join(f"--{k} {v}" for k, v in (("ulysses", ulysses), ("ring", ring)) if v is not None)
+        return f"explicit override {flags}"
+    if chosen.source == "table":
+        e = chosen.entry
+        published = ", ".join(f"{u}x{r}" for u, r in e.published)
+        return f"table {path}: row {e.key} on {e.gpus} sequence-parallel GPUs, default of {published}"
+    return (
+        f"rule: {path} has no row for {height}x{width}x{frames} on {topo.sp} sequence-parallel GPUs; "
+        f"the largest ulysses dividing {table.heads} heads, then ring = {topo.sp} / ulysses"
+    )
+
+
+@functools.cache
+def dit_parameter_count(preset: str) -> int:
+    """Parameters of the preset's DiT, counted on the meta device (no memory, no weights)."""
+    return sum(p.numel() for p in models.build_model(preset, device="meta").parameters())
+
+
+@functools.cache
+def vae_parameter_count(vae_preset: str) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in HunyuanVideoVAE(VAE_PRESETS[vae_preset]).parameters())
+
+
+def estimate_memory(
+    dit: HunyuanVideoConfig, dtype: str, local_tokens: int, topo: Topology, latent, tiling: str
+) -> MemoryEstimate:
+    """Per-rank bytes of the denoise and decode phases (formulas in ``launcher/memory_estimate.py``)."""
+    params = dit_parameter_count(dit.name)
+    acts = dit_activations(
+        image_tokens=local_tokens, text_tokens=TEXT_LEN, hidden=dit.hidden_size, mlp_hidden=dit.mlp_hidden,
+        ulysses=topo.ulysses, ring=topo.ring, dtype_bytes=DTYPE_BYTES[dtype],
+    )
+    tile_cfg = vae_tiling_config(tiling)
+    calibrated = dit.vae_preset == CALIBRATED_VAE
+    notes = []
+    if not calibrated:
+        notes.append(f"VAE decode: no measurements for the {dit.vae_preset!r} VAE; not estimated")
+    elif tile_cfg is None and math.prod(latent) > VAE_LARGEST_MEASURED_UNTILED:
+        notes.append("VAE decode: untiled beyond the largest measured latent (17x40x40); extrapolated")
+    return MemoryEstimate(
+        dit_params=params, dit_weights=params * DTYPE_BYTES[dtype], activations=acts,
+        vae_tiling="release" if tiling == "auto" else tiling, vae_tile=vae_tile(latent, tile_cfg),
+        vae_weights=vae_parameter_count(dit.vae_preset) * VAE_DTYPE_BYTES if calibrated else None,
+        vae_decode=vae_decode_bytes(latent, tile_cfg) if calibrated else None, notes=tuple(notes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def _grid(g) -> str:
+    return "x".join(map(str, g))
+
+
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
+def _gib(n: int | None) -> str:
+    return "     -" if n is None else f"{n / GIB:6.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+    """The human-readable plan (what `plan` prints without --json)."""
+    head = (
+        f"{plan.preset}: {plan.height}x{plan.width}, {plan.frames} frames on {_gpus(plan.gpus)} "
+        f"({plan.dtype}, {plan.heads} heads)"
+    )
+    sections = (_topology_lines(plan), _token_lines(plan), _memory_lines(plan))
+    return "\n\n".join(["\n".join(lines) for lines in ([head], *sections)])
+
+
+def _topology_lines(plan: Plan) -> list[str]:
+    topo = plan.topology
+    lines = [
+        (
+            f"valid topologies for {_gpus(plan.gpus)}, cfg {topo.cfg}, dp {topo.dp} "
+            f"(ulysses must divide {plan.heads} heads):"
+        ),
+        "      dp  cfg  ring  ulysses",
+    ]
+    for t in plan.topologies:
+        mark = "*" if t == topo else " "
+        lines.append(f"  {mark} {t.dp:3d} {t.cfg:4d} {t.ring:5d} {t.ulysses:8d}   {t.sp_label}")
+    lines.append(f"chosen: {topo.sp_label} (ulysses {topo.ulysses} x ring {topo.ring}), by {plan.reason}")
+    return lines
+
+
+def _token_lines(plan: Plan) -> list[str]:
+    grids = f"latent {_grid(plan.latent_grid)} -> token grid {_grid(plan.token_grid)}"
+    padded = f"{plan.topology.sp} x {plan.tokens_per_rank:,}"
+    pad = f"padded sequence {plan.padded_tokens:,} = {padded}, {plan.pad_tokens:,} pad tokens"
+    return [
+        f"tokens: {grids} = {plan.image_tokens:,} image tokens, + {plan.text_tokens} text tokens",
+        f"  per rank: {plan.tokens_per_rank:,} image tokens + the {plan.text_tokens} text tokens ({pad})",
+    ]
+
+
+def _memory_lines(plan: Plan) -> list[str]:
+    mem, acts = plan.memory, plan.memory.activations
+    if mem.vae_tiling == "off":
+        vae = f"untiled, one pass over {_grid(mem.vae_tile)} latents, fp16"
+    else:
+        vae = f"{mem.vae_tiling} tiling, largest tile {_grid(mem.vae_tile)} latents, fp16"
+    if mem.vae_weights is not None:
+        vae += f", incl. {mem.vae_weights / GIB:.2f} VAE weights"
+    weights = f"{mem.dit_params:,} params x {DTYPE_BYTES[plan.dtype]} B ({plan.dtype})"
+    forward = f"{plan.tokens_per_rank:,} + {plan.text_tokens} tokens ({acts.peak_phase} phase of one block)"
+    others = f"{mem.denoise / GIB:.2f} on the others"
+    return [
+        "memory per rank, GiB (estimate):",
+        f"  DiT weights      {_gib(mem.dit_weights)}  {weights}, on every rank",
+        f"  DiT activations  {_gib(acts.peak)}  one forward at {forward}",
+        f"  denoise          {_gib(mem.denoise)}  every rank",
+        f"  VAE decode       {_gib(mem.decode)}  first rank of each dp replica, DiT freed: {vae}",
+        f"  peak             {_gib(mem.writer_peak)}  first rank of each dp replica; {others}",
+        *(f"  note: {n}" for n in mem.notes),
+        f"  not included: {NOT_INCLUDED}",
+    ]
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    """The plan as plain JSON values (what `plan --json` prints); sizes in bytes."""
+    topo, mem = plan.topology, plan.memory
+
+    def degrees(t: Topology) -> dict:
+        return {"dp": t.dp, "cfg": t.cfg, "ring": t.ring, "ulysses": t.ulysses, "label": t.sp_label}
+
+    return {
+        "model": plan.preset, "height": plan.height, "width": plan.width, "frames": plan.frames,
+        "gpus": plan.gpus, "dtype": plan.dtype, "heads": plan.heads,
+        "topologies": [degrees(t) for t in plan.topologies],
+        "chosen": {**degrees(topo), "source": plan.chosen.source, "reason": plan.reason},
+        "tokens": {
+            "latent_grid": list(plan.latent_grid), "token_grid": list(plan.token_grid),
+            "image": plan.image_tokens, "per_rank": plan.tokens_per_rank, "padded": plan.padded_tokens,
+            "pad": plan.pad_tokens, "text": plan.text_tokens,
+        },
+        "memory_bytes": {
+            "dit_params": mem.dit_params, "dit_weights": mem.dit_weights,
+            "activations": mem.activations.peak, "activations_phase": mem.activations.peak_phase,
+            "denoise": mem.denoise, "vae_tiling": mem.vae_tiling, "vae_tile": list(mem.vae_tile),
+            "vae_weights": mem.vae_weights, "vae_decode": mem.vae_decode, "decode": mem.decode,
+            "writer_peak": mem.writer_peak, "other_ranks_peak": mem.denoise,
+        },
+        "notes": list(mem.notes),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--preset", dest="preset", default="hunyuan-video-13b", help="DiT preset")
+    p.add_argument("--size", help="HEIGHTxWIDTH in pixels, multiples of 16 (default: the preset's)")
+    p.add_argument("--frames", type=int, help="4n+1 frames (default: the preset's)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (world size) the job would run on")
+    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="DiT weights and activations")
+    p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
+                   help="2: classic CFG (negative prompt) with the two passes on separate ranks")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--ulysses", type=int, help="Ulysses degree (default: the topology table's choice)")
+    p.add_argument("--ring", type=int, help="ring degree (default: the topology table's choice)")
+    p.add_argument("--vae-tiling", default="auto", choices=VAE_TILINGS, help="auto = release")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    defaults = PRESET_DEFAULTS.get(args.preset)
+    if defaults is None:
+        from models import list_presets
+
+        raise ConfigError(f"--preset {args.preset!r} is unknown; valid: {', '.join(list_presets())}")
+    height, width = parse_size(args.size) if args.size else (defaults.height, defaults.width)
+    return make_plan(
+        preset=args.preset, height=height, width=width,
+        frames=args.frames if args.frames is not None else defaults.frames, gpus=args.gpus,
+        dtype=args.dtype, cfg=args.cfg, dp=args.dp, ulysses=args.ulysses, ring=args.ring,
+        vae_tiling=args.vae_tiling,
+    )
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan (or `error: ...` on stderr); 0 on success, 2 on bad input."""
+    try:
+        plan = plan_from_args(args)
+    except (ConfigError, TopologyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan_to_dict(plan)) if args.json else format_plan(plan))
+    return 0
