@@ -14,6 +14,10 @@ from .config import ConfigError
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "plan":
+            from .plan import run_plan
+
+            return run_plan(args)
         if args.command == "generate":
             from .job import run_generate
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .config import PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
+from .plan import add_plan_args
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -89,5 +90,6 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launcher", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_args(sub.add_parser("generate", help="text-to-video generation"))
+    add_generate_args(sub.add_parser("generate", help="text-to-video generation (one process or torchrun)"))
+    add_plan_args(sub.add_parser("plan", help="topologies, tokens per rank and memory per rank, without GPUs"))
     return parser

@@ -9,7 +9,6 @@ that, every collective has the job's timeout, and torchrun ends all ranks when o
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -33,10 +32,11 @@ from parallel.parallelize import (
     gather_objects,
     parallelize,
 )
-from parallel.topology import ResolvedTopology, TopologyError, default_table_path, load_topology_table
+from parallel.topology import ResolvedTopology, TopologyError
 
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
+from .plan import topology_table
 from .record import PhaseTimer, command_line, now_iso, peak_memory, versions
 
 log = logging.getLogger("launcher")
@@ -62,11 +62,9 @@ def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
 
 
 def choose_topology(cfg: RunConfig, dit: HunyuanVideoConfig, world: int) -> ResolvedTopology:
-    """Degrees for this job: explicit flags, else the model's topology table, else the rule.
-    A table written for another head count is not used (its rows assume those heads)."""
-    table = load_topology_table(default_table_path("hunyuan_video"))
-    if table.heads != dit.num_heads:
-        table = dataclasses.replace(table, heads=dit.num_heads, entries={})
+    """Degrees for this job: explicit flags, else the model's topology table, else the rule
+    (the same choice `plan` shows)."""
+    table = topology_table(dit)
     cfg_degree = cfg.cfg_degree
     if cfg_degree is None:  # CFG in parallel when it is on and the ranks split evenly
         cfg_degree = 2 if cfg.uses_cfg and world % (2 * cfg.dp) == 0 else 1
