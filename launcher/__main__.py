@@ -9,6 +9,7 @@ from models.hunyuan_video.text_encoder import TextEncoderError
 from models.weights import CheckpointError
 
 from .config import ConfigError
+from .pipeline import NonFiniteLatents
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +26,12 @@ def main(argv: list[str] | None = None) -> int:
             for out in run_generate(cfg):
                 print(out)
             return 0
-    except (ConfigError, CheckpointError, TextEncoderError) as err:
+    except (ConfigError, CheckpointError, TextEncoderError) as err:  # bad input: nothing ran
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLatents as err:  # the run diverged: say where, without a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tiny_checkpoints import write_release_ckpts
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_KEYS = {
@@ -50,35 +51,11 @@ def test_generate_writes_video_record_latents_and_grid(tmp_path):
     assert video.stat().st_mtime_ns == before
 
 
-def _write_release_ckpts(root):
-    """A tiny model directory laid out like the release's `ckpts/`: DiT pickle under `module`,
-    VAE pickle with config.json, LLM and CLIP folders."""
-    import models
-    from models.hunyuan_video.vae import VAE_PRESETS, HunyuanVideoVAE
-    from models.weights import init_random_
-    from tiny_text_models import write_release_text_encoders
-
-    write_release_text_encoders(root)
-    sub = root / "hunyuan-video-t2v-720p"
-    (sub / "transformers").mkdir(parents=True)
-    (sub / "vae").mkdir()
-    dit = models.build_model("tiny", seed=11)
-    torch.save({"module": dit.state_dict()}, sub / "transformers" / "mp_rank_00_model_states.pt")
-    vcfg = VAE_PRESETS["tiny"]
-    vae = init_random_(HunyuanVideoVAE(vcfg), 12)
-    torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, sub / "vae" / "pytorch_model.pt")
-    (sub / "vae" / "config.json").write_text(json.dumps({
-        "block_out_channels": list(vcfg.block_out_channels), "layers_per_block": vcfg.layers_per_block,
-        "norm_num_groups": vcfg.norm_num_groups, "latent_channels": vcfg.latent_channels,
-    }))
-    return dit
-
-
 def test_generate_from_a_release_layout_model_dir(tmp_path):
     from launcher.video import probe_video
 
     ckpts = tmp_path / "ckpts"
-    _write_release_ckpts(ckpts)
+    write_release_ckpts(ckpts)
     out = tmp_path / "out"
     proc = _generate(out, "--model-dir", str(ckpts), "--save-latents")
     assert proc.returncode == 0, proc.stderr
@@ -96,7 +73,7 @@ def test_generate_from_a_release_layout_model_dir(tmp_path):
 
 def test_bad_checkpoint_in_model_dir_exits_2_with_the_file_named(tmp_path):
     ckpts = tmp_path / "ckpts"
-    dit = _write_release_ckpts(ckpts)
+    dit = write_release_ckpts(ckpts)
     sd = dit.state_dict()
     del sd["final_layer.linear.bias"]
     path = ckpts / "hunyuan-video-t2v-720p" / "transformers" / "mp_rank_00_model_states.pt"
