@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -124,20 +125,18 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
     rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
     dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
     latents: dict[int, torch.Tensor] = {}
-    denoise_s: dict[int, float] = {}
+    step_s: dict[int, list[float]] = {}
     for i in range(dp_rank, len(cfg.prompts), cfg.dp):
-        before = timer.seconds.get("denoise", 0.0)
         with timer.phase("denoise"):
-            tokens = denoise_one(job, model, shard, rope, conds, i, mesh)
+            tokens, step_s[i] = denoise_one(job, model, shard, rope, conds, i, mesh)
         latents[i] = ph.tokens_to_latents(tokens.cpu(), cfg, dit)
-        denoise_s[i] = timer.seconds["denoise"] - before
     peaks = gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
     del model, rope
     if job.device.type == "cuda":
         torch.cuda.empty_cache()
     written = []
     if _is_writer(mesh):
-        written = _decode_and_write(job, paths, latents, denoise_s, timer, peaks)
+        written = _decode_and_write(job, paths, latents, step_s, timer, peaks)
     if mesh is not None:
         torch.distributed.barrier()  # other ranks wait (with the timeout) for the writers
     return written
@@ -149,7 +148,8 @@ def _is_writer(mesh: ParallelMesh | None) -> bool:
 
 
 def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextConditioning], i: int, mesh):
-    """Prompt `i` from its seeded noise to the whole sequence of denoised tokens `[1, S, F]`."""
+    """Prompt `i` from its seeded noise to the whole sequence of denoised tokens `[1, S, F]`,
+    and the seconds of each step (the NaN check syncs the device, so they are real times)."""
     cfg, dit, device = job.cfg, job.dit, job.device
     guidance = cfg.guidance if dit.guidance_embed else None
     cond = conds[i].to(device)
@@ -166,17 +166,20 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
     with tqdm(total=cfg.steps, desc=f"prompt {i + 1}/{len(cfg.prompts)}", unit="step",
               disable=job.rank != 0, leave=False) as bar:
 
+        marks = [time.perf_counter()]
+
         def on_step(step: int, x: torch.Tensor) -> None:
             if not all_finite(x, sp_group):
                 raise ph.NonFiniteLatents(f"NaN or Inf in the latents after denoising step {step + 1} of {cfg.steps}")
+            marks.append(time.perf_counter())
             bar.update(1)
 
         with torch.inference_mode():
             out = euler_loop(tokens, velocity, FlowMatchEuler(steps=cfg.steps, shift=cfg.flow_shift), on_step)
-            return shard.gather(out)
+            return shard.gather(out), [b - a for a, b in zip(marks, marks[1:])]
 
 
-def _decode_and_write(job: Job, paths, latents, denoise_s, timer: PhaseTimer, peaks) -> list[Path]:
+def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks) -> list[Path]:
     from .video import write_json_atomic
 
     cfg = job.cfg
@@ -190,14 +193,14 @@ def _decode_and_write(job: Job, paths, latents, denoise_s, timer: PhaseTimer, pe
             video = ph.decode(vae, lat, cfg.vae_tiling)
         with timer.phase("write"):
             ph.write_outputs(cfg, paths[i], video, lat)
-        write_json_atomic(record(job, i, timer, denoise_s[i], peaks, paths[i]), paths[i]["record"],
+        write_json_atomic(record(job, i, timer, step_s[i], peaks, paths[i]), paths[i]["record"],
                           overwrite=cfg.overwrite)
         log.info("wrote %s", paths[i]["video"])
         written.append(paths[i]["video"])
     return written
 
 
-def record(job: Job, i: int, timer: PhaseTimer, denoise_s: float, peaks: list[dict], paths) -> dict:
+def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list[dict], paths) -> dict:
     """The JSON record beside video `i`."""
     cfg, topo = job.cfg, job.topology.topology
     return {
@@ -216,7 +219,8 @@ def record(job: Job, i: int, timer: PhaseTimer, denoise_s: float, peaks: list[di
         "device": str(job.device),
         "topology": {"world_size": job.world, "dp": topo.dp, "cfg": topo.cfg, "ring": topo.ring,
                      "ulysses": topo.ulysses, "source": job.topology.source},
-        "timings_s": {**timer.seconds, "denoise_this_video": denoise_s},
+        "timings_s": {**timer.seconds, "denoise_this_video": sum(step_s)},
+        "step_s": step_s,
         "peak_memory": peak_memory(job.device),
         "peak_memory_per_rank": peaks,
         "versions": versions(),

@@ -1,0 +1,82 @@
+"""Summarise scripts/gpu_generate_check.sh: latents of every parallel run against the 1-GPU run
+(relative error), step times and peak memory from the JSON records; a table and JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from datetime import date
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# run name -> (reference run, gpus, ulysses, ring, cfg)
+RUNS = {
+    "single": (None, 1, 1, 1, 1),
+    "single_cfg": (None, 1, 1, 1, 1),
+    "u2r1": ("single", 2, 2, 1, 1),
+    "u1r2": ("single", 2, 1, 2, 1),
+    "u4r1": ("single", 4, 4, 1, 1),
+    "u2r2": ("single", 4, 2, 2, 1),
+    "u1r4": ("single", 4, 1, 4, 1),
+    "cfg2_u2r1": ("single_cfg", 4, 2, 1, 2),
+    "13b_u4r1": (None, 4, 4, 1, 1),
+}
+
+
+def _one(folder: Path, pattern: str) -> Path | None:
+    found = sorted(folder.glob(pattern))
+    return found[0] if found else None
+
+
+def summarise(runs: Path, kind: str) -> list[dict]:
+    rows = []
+    for name, (ref, gpus, u, r, c) in RUNS.items():
+        record_path = _one(runs / name, "*.json")
+        if record_path is None:
+            rows.append({"run": name, "status": "failed (see its log)"})
+            continue
+        rec = json.loads(record_path.read_text())
+        row = {
+            "kind": kind, "date": date.today().isoformat(), "device": rec["versions"].get("gpu", "?"),
+            "gpus": gpus, "model": rec["model"]["preset"], "size": "x".join(map(str, rec["size"])),
+            "frames": rec["frames"], "backend": "native", "ulysses": u, "ring": r, "cfg": c,
+            "steps": rec["steps"], "seconds": statistics.median(rec["step_s"]), "step_s": rec["step_s"],
+            "peak_gib": max(p.get("gpu_allocated_gib", 0.0) for p in rec["peak_memory_per_rank"]),
+            "timings_s": rec["timings_s"], "command": rec["command"], "run": name,
+        }
+        lat = _one(runs / name, "*.latents.safetensors")
+        ref_lat = _one(runs / ref, "*.latents.safetensors") if ref else None
+        if lat is not None and ref_lat is not None:
+            a, b = load_file(str(lat))["latents"].double(), load_file(str(ref_lat))["latents"].double()
+            row["rel_err_vs_1gpu"] = ((a - b).norm() / b.norm()).item()
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--kind", default="unknown")
+    p.add_argument("--jsonl", type=Path, required=True)
+    args = p.parse_args()
+    rows = summarise(args.runs, args.kind)
+    with args.jsonl.open("a") as f:
+        for row in rows:
+            if "seconds" in row:
+                f.write(json.dumps(row) + "\n")
+    print("| run | model | size x frames | gpus | u x r | cfg | s/step (median) | peak GiB | rel err vs 1 GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        if "seconds" not in row:
+            print(f"| {row['run']} | {row['status']} |")
+            continue
+        err = f"{row['rel_err_vs_1gpu']:.2e}" if "rel_err_vs_1gpu" in row else "-"
+        print(f"| {row['run']} | {row['model']} | {row['size']}x{row['frames']} | {row['gpus']} | "
+              f"{row['ulysses']}x{row['ring']} | {row['cfg']} | {row['seconds']:.3f} | {row['peak_gib']:.1f} | {err} |")
+
+
+if __name__ == "__main__":
+    main()
