@@ -19,7 +19,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", help="HEIGHTxWIDTH in pixels, multiples of 16 (default: the preset's)")
     p.add_argument("--frames", type=int, help="4n+1 frames (default: the preset's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, help="noise seed (default: drawn by rank 0 and shared with every rank)")
     p.add_argument("--guidance", type=float, help="embedded guidance scale (default 6.0)")
     p.add_argument("--flow-shift", type=float, help="flow-matching sigma shift (default 7.0)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))

@@ -46,7 +46,7 @@ class RunConfig:
     width: int
     frames: int
     steps: int
-    seed: int
+    seed: int | None  # None: rank 0 draws one and every rank uses it
     guidance: float
     flow_shift: float
     output_dir: Path
@@ -112,7 +112,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.steps < 1:
         raise ConfigError(f"--steps {cfg.steps}: must be at least 1")
-    if not 0 <= cfg.seed < 2**63:
+    if cfg.seed is not None and not 0 <= cfg.seed < 2**63:
         raise ConfigError(f"--seed {cfg.seed}: must be in [0, 2^63)")
     if cfg.flow_shift <= 0:
         raise ConfigError(f"--flow-shift {cfg.flow_shift}: must be > 0")

@@ -9,8 +9,10 @@ that, every collective has the job's timeout, and torchrun ends all ranks when o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import secrets
 import os
 import sys
 import time
@@ -84,7 +86,8 @@ def validate_job(cfg: RunConfig) -> tuple[Job, list[dict[str, Path]], torch.nn.M
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     dit = get_preset(cfg.preset)
     topology = choose_topology(cfg, dit, world)
-    paths = [ph.output_paths(cfg, i) for i in range(len(cfg.prompts))]
+    # Output names carry the seed: without one they are checked once rank 0 has drawn it.
+    paths = [ph.output_paths(cfg, i) for i in range(len(cfg.prompts))] if cfg.seed is not None else None
     ph.check_model_dir(cfg)
     device, dtype = ph.resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     loaded = ph.load_dit_weights(cfg, dtype)
@@ -105,9 +108,21 @@ def run_generate(cfg: RunConfig) -> list[Path]:
             info = init_distributed(device_type=job.device.type, timeout=cfg.timeout_s)
             dims = ParallelDims.from_topology(topo.topology, job.world)
             mesh = build_parallel_mesh(dims, device=info.device, timeout=cfg.timeout_s)
+        if cfg.seed is None:
+            job = _with_shared_seed(job, mesh)
+            paths = [ph.output_paths(job.cfg, i) for i in range(len(cfg.prompts))]
         return _run(job, paths, loaded, mesh)
     finally:
         teardown()
+
+
+def _with_shared_seed(job: Job, mesh: ParallelMesh | None) -> Job:
+    """Rank 0 draws the seed; every rank gets it, so every rank draws the same noise."""
+    seed = secrets.randbelow(2**31) if job.rank == 0 else None
+    if mesh is not None:
+        seed = broadcast_object(seed)
+    log.info("seed %d (drawn by rank 0; pass --seed %d to repeat this run)", seed, seed)
+    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed))
 
 
 def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:

@@ -91,7 +91,8 @@ def load_dit_weights(cfg: RunConfig, dtype) -> torch.nn.Module | None:
 
 def materialise_dit(cfg: RunConfig, loaded, device, dtype):
     if loaded is None:
-        return models.build_model(cfg.preset, device=device, dtype=dtype, seed=cfg.seed)
+        # Random weights are one fixed model per preset (seed 0); --seed only changes the noise.
+        return models.build_model(cfg.preset, device=device, dtype=dtype, seed=0)
     return loaded.to(device)
 
 
@@ -105,7 +106,7 @@ def load_vae_for(cfg: RunConfig, dit_cfg: HunyuanVideoConfig, device):
     with torch.device("meta"):
         vae = HunyuanVideoVAE(VAE_PRESETS[dit_cfg.vae_preset])
     vae.to_empty(device=device)
-    models.weights.init_random_(vae, cfg.seed)
+    models.weights.init_random_(vae, 0)
     return vae.to(vae_dtype).eval().requires_grad_(False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import shlex
@@ -61,4 +62,8 @@ def now_iso() -> str:
 def command_line() -> str:
     """The command as a user would retype it (`python -m launcher ...` rather than a file path)."""
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("__main__.py", "-c")) else sys.argv
-    return shlex.join(["python", "-m", "launcher", *argv])
+    head = ["python", "-m"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker: name the launch
+        head = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '1')}",
+                f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m"]
+    return shlex.join([*head, "launcher", *argv])

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
-BASE = ["--preset", "tiny", "--steps", "2", "--seed", "7", "--save-latents"]
+BASE = ["--preset", "tiny", "--steps", "2", "--save-latents"]
 
 
-def run_launcher(out: Path, *args, nproc: int = 1, timeout: float = 240):
-    launcher = ["-m", "launcher", "generate", "--output-dir", str(out), *BASE, *args]
+def run_launcher(out: Path, *args, nproc: int = 1, timeout: float = 240, seed: str | None = "7"):
+    seed_args = ["--seed", seed] if seed is not None else []
+    launcher = ["-m", "launcher", "generate", "--output-dir", str(out), *BASE, *seed_args, *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *launcher]
     else:
@@ -110,3 +111,15 @@ def test_cfg_parallel_equals_sequential_cfg(tmp_path, reference):
     la = load_file(str(next(iter(_outputs(single).values()))))["latents"]
     lb = load_file(str(next(iter(_outputs(no_cfg).values()))))["latents"]
     assert not torch.allclose(la, lb, atol=1e-3)
+
+
+def test_without_a_seed_rank_0_draws_one_for_every_rank(tmp_path):
+    video = ("--prompt", "a red fox", *ODD_9)
+    proc = run_launcher(tmp_path / "par", *video, nproc=2, seed=None)
+    assert proc.returncode == 0, proc.stderr
+    seed = json.loads(next((tmp_path / "par").glob("*.json")).read_text())["seed"]
+    assert f"seed {seed} (drawn by rank 0" in proc.stderr
+    # Both ranks drew the same noise: the result equals a single process given that seed.
+    single = run_launcher(tmp_path / "single", *video, seed=str(seed))
+    assert single.returncode == 0, single.stderr
+    assert_same_videos(tmp_path / "single", tmp_path / "par")
