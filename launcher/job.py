@@ -80,10 +80,10 @@ def choose_topology(cfg: RunConfig, dit: HunyuanVideoConfig, world: int) -> Reso
         raise ConfigError(str(err)) from None
 
 
-def validate_job(cfg: RunConfig) -> tuple[Job, list[dict[str, Path]], torch.nn.Module | None]:
+def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, list[dict[str, Path]] | None, torch.nn.Module | None]:
     """Every check that can reject the job; no collective. Returns the job, the output paths of
-    every prompt, and the DiT with its checkpoint assigned on the meta device (or None)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    every prompt (None until a seed exists), and the DiT with its checkpoint assigned on the meta
+    device (or None)."""
     dit = get_preset(cfg.preset)
     topology = choose_topology(cfg, dit, world)
     # Output names carry the seed: without one they are checked once rank 0 has drawn it.
@@ -96,8 +96,9 @@ def validate_job(cfg: RunConfig) -> tuple[Job, list[dict[str, Path]], torch.nn.M
 
 def run_generate(cfg: RunConfig) -> list[Path]:
     """The whole job on this rank; returns the videos this rank wrote."""
-    setup_logging(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), cfg.log_all_ranks)
-    job, paths, loaded = validate_job(cfg)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    setup_logging(rank, world, cfg.log_all_ranks)
+    job, paths, loaded = validate_job(cfg, rank, world)
     topo = job.topology
     log.info("topology %s (%s): dp %d, cfg %d, ring %d, ulysses %d on %d rank(s)",
              topo.topology.sp_label, topo.source, topo.topology.dp, topo.topology.cfg,

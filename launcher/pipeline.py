@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -16,7 +15,6 @@ from models.sampling import TextConditioning, initial_noise
 
 from .config import ConfigError, RunConfig
 
-log = logging.getLogger("launcher")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -19,7 +19,7 @@ from .weights import (
     assign_state_dict,
     check_state_dict,
     init_random_,
-    read_state_dict,
+    read_files,
     resolve_checkpoint,
 )
 
@@ -53,7 +53,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load the release's pickle (`module`/`ema`), safetensors, or the diffusers layout into
     `model`, strictly: missing, unexpected or mis-shaped keys raise CheckpointError naming them."""
     files = resolve_checkpoint(path)
-    sd = read_state_dict(path)
+    sd = read_files(files)
     if is_diffusers_layout(sd):
         sd = diffusers_to_official(sd)
     source = files[0] if len(files) == 1 else f"{path} ({len(files)} files)"

@@ -92,8 +92,13 @@ def _read_safetensors(path: Path) -> StateDict:
 
 def read_state_dict(path: str | Path) -> StateDict:
     """All tensors of the checkpoint at `path` (see `resolve_checkpoint`), on the CPU."""
+    return read_files(resolve_checkpoint(path))
+
+
+def read_files(files: list[Path]) -> StateDict:
+    """All tensors of these weight files (safetensors or torch pickles), on the CPU."""
     out: StateDict = {}
-    for file in resolve_checkpoint(path):
+    for file in files:
         suffix = file.suffix.lower()
         if suffix == SAFETENSORS_SUFFIX:
             out.update(_read_safetensors(file))

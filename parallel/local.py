@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
+
+from models.attention import text_valid_mask
 
 from .kernels import Kernel, math_attention
 
@@ -101,12 +102,6 @@ def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, merged / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(merged))
 
 
-def text_valid_mask(lens: Sequence[int] | torch.Tensor, length: int, device=None) -> torch.Tensor:
-    """``[B, length]`` bool: True for each item's leading ``lens[b]`` tokens."""
-    lens = torch.as_tensor(lens, device=device).reshape(-1, 1)
-    return torch.arange(length, device=lens.device)[None, :] < lens
-
-
 def local_joint_attention(
     img_q: torch.Tensor,
     img_k: torch.Tensor,
@@ -132,7 +127,7 @@ def local_joint_attention(
         return out, (None if txt_q is None else txt_q.clone())
     length = txt_q.shape[1]
     lens = txt_lens if txt_lens is not None else torch.full((b,), length)
-    txt_valid = text_valid_mask(lens.cpu(), length).to(img_q.device)
+    txt_valid = text_valid_mask(lens.to(img_q.device), length)
     q = torch.cat([img_q, txt_q], dim=1)
     k = torch.cat([img_k, txt_k], dim=1)
     v = torch.cat([img_v, txt_v], dim=1)

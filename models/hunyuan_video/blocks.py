@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..attention import JointAttention, text_valid_mask
+from ..attention import JointAttention
 from .config import HunyuanVideoConfig
 from .layers import (
     MLP,
@@ -141,7 +141,6 @@ class SingleStreamBlock(nn.Module):
         """Image and text stay separate tensors here (same math as the release's concatenation),
         so that a shard of image tokens never has to be joined with the whole text."""
         shift, scale, g = self.modulation(vec)
-        outs = []
         qkv_parts, mlp_parts = [], []
         for x in (img, txt):
             h = self.linear1(modulate(layer_norm(x, self.eps), shift, scale))
@@ -152,6 +151,7 @@ class SingleStreamBlock(nn.Module):
         (img_q, img_k, img_v), (txt_q, txt_k, txt_v) = qkv_parts
         img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
         attns = attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens)
+        outs = []
         for x, attn, mlp in zip((img, txt), attns, mlp_parts):
             fused = torch.cat([attn.flatten(2), F.gelu(mlp, approximate="tanh")], dim=-1)
             outs.append(x + gate(self.linear2(fused), g))
@@ -172,4 +172,4 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x, self.eps), shift, scale))
 
 
-__all__ = ["TokenRefiner", "DoubleStreamBlock", "SingleStreamBlock", "FinalLayer", "text_valid_mask"]
+__all__ = ["TokenRefiner", "DoubleStreamBlock", "SingleStreamBlock", "FinalLayer"]

@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..attention import JointAttention, sdpa_joint_attention, text_valid_mask
+from ..attention import JointAttention, sdpa_joint_attention
 from .blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock, TokenRefiner
 from .config import HunyuanVideoConfig
 from .layers import MLPEmbedder, PatchEmbed, TimestepEmbedder
@@ -104,4 +104,4 @@ class HunyuanVideoDiT(nn.Module):
         return self.final_layer(x, vec)
 
 
-__all__ = ["HunyuanVideoDiT", "patchify", "unpatchify", "text_valid_mask"]
+__all__ = ["HunyuanVideoDiT", "patchify", "unpatchify"]
