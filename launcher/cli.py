@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .config import PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
+from .memory_plan import parse_memory
 from .plan import add_plan_args
 
 
@@ -43,6 +44,15 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--timeout", type=float, default=600.0, dest="timeout_s",
                      help="seconds any collective may wait before the job fails")
     par.add_argument("--log-all-ranks", action="store_true", help="every rank logs, prefixed with its rank")
+    mem = p.add_argument_group("memory (see `plan --max-gpu-memory`)")
+    mem.add_argument("--max-gpu-memory", help="per-GPU budget, e.g. 24GiB: the planner picks the cheapest "
+                     "placement that fits (layer streaming, sequential CFG, small VAE tiles, FP8 with --fp8 auto) "
+                     "and caps the allocator there; default on CUDA: the GPU's memory")
+    mem.add_argument("--memory-profile", help="fixed placement instead: default, light or extreme")
+    mem.add_argument("--fp8", default="off", help="DiT block weights in float8: off (default), storage "
+                     "(computed in bf16), matmul (FP8 tensor cores), auto (the planner may use storage)")
+    mem.add_argument("--stream-blocks", type=int, help="stream the last N DiT blocks from host memory")
+    mem.add_argument("--prefetch", type=int, default=1, help="streamed blocks copied ahead of the compute")
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -84,6 +94,11 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         dp=args.dp,
         timeout_s=args.timeout_s,
         log_all_ranks=args.log_all_ranks,
+        max_gpu_memory=None if args.max_gpu_memory is None else parse_memory(args.max_gpu_memory),
+        memory_profile=args.memory_profile,
+        fp8=args.fp8,
+        stream_blocks=args.stream_blocks,
+        prefetch=args.prefetch,
     )
 
 

@@ -66,6 +66,12 @@ class RunConfig:
     dp: int = 1
     timeout_s: float = 600.0
     log_all_ranks: bool = False
+    # Memory (launcher/memory_plan.py): a per-GPU budget in bytes and/or fixed knobs.
+    max_gpu_memory: int | None = None
+    memory_profile: str | None = None
+    fp8: str = "off"
+    stream_blocks: int | None = None
+    prefetch: int = 1
 
     @property
     def uses_cfg(self) -> bool:
@@ -132,8 +138,27 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--cfg 2 runs the negative pass on its own ranks: give --negative-prompt and --cfg-scale != 1")
     if cfg.dp < 1 or cfg.timeout_s <= 0:
         raise ConfigError(f"--dp {cfg.dp} / --timeout {cfg.timeout_s}: must be positive")
+    _validate_memory(cfg)
     if cfg.model_dir is not None and not cfg.model_dir.is_dir():
         raise ConfigError(f"--model-dir {cfg.model_dir}: no such directory")
+
+
+def _validate_memory(cfg: RunConfig) -> None:
+    from .memory_plan import FP8_MODES, PROFILES
+
+    if cfg.memory_profile is not None and cfg.memory_profile not in PROFILES:
+        raise ConfigError(f"--memory-profile {cfg.memory_profile!r}; valid: {', '.join(PROFILES)}")
+    if cfg.fp8 not in FP8_MODES:
+        raise ConfigError(f"--fp8 {cfg.fp8!r}; valid: {', '.join(FP8_MODES)}")
+    if cfg.fp8 == "auto" and cfg.max_gpu_memory is None:
+        raise ConfigError("--fp8 auto lets the planner choose FP8 under --max-gpu-memory: give a budget, or "
+                          "--fp8 storage / matmul")
+    if cfg.stream_blocks is not None and cfg.stream_blocks < 0:
+        raise ConfigError(f"--stream-blocks {cfg.stream_blocks}: must be >= 0")
+    if cfg.prefetch < 1:
+        raise ConfigError(f"--prefetch {cfg.prefetch}: must be >= 1")
+    if cfg.max_gpu_memory is not None and cfg.max_gpu_memory <= 0:
+        raise ConfigError(f"--max-gpu-memory {cfg.max_gpu_memory}: must be positive")
 
 
 def read_prompts_file(path: Path) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ that, every collective has the job's timeout, and torchrun ends all ranks when o
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import secrets
@@ -27,9 +28,11 @@ from models.hunyuan_video import HunyuanVideoConfig, get_preset
 from models.sampling import TextConditioning, classifier_free, euler_loop, guided_velocity, model_velocity
 from models.scheduler import FlowMatchEuler
 from parallel.mesh import SP_AXES, MeshAxis, ParallelDims, ParallelMesh, build_parallel_mesh, init_distributed, teardown
+from parallel.placement import NodeShare, node_share_name
 from parallel.parallelize import (
     SequenceShard,
     all_finite,
+    all_true,
     broadcast_object,
     cfg_parallel_velocity,
     gather_objects,
@@ -39,10 +42,13 @@ from parallel.topology import ResolvedTopology, TopologyError
 
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
+from .memory_plan import JobMemory, JobShape, MemoryPlan, plan_job
 from .plan import topology_table
-from .record import PhaseTimer, command_line, now_iso, peak_memory, versions
+from .record import PhaseTimer, command_line, device_used_bytes, now_iso, peak_memory, versions
 
 log = logging.getLogger("launcher")
+
+NCCL_ALLOWANCE = 512 * 2**20  # communicators created after the cap is set (their buffers bypass it)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class Job:
     cfg: RunConfig
     dit: HunyuanVideoConfig
     topology: ResolvedTopology
+    memory: JobMemory
     rank: int
     world: int
     device: torch.device
@@ -64,13 +71,19 @@ def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
     logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
 
 
-def choose_topology(cfg: RunConfig, dit: HunyuanVideoConfig, world: int) -> ResolvedTopology:
+def cfg_options(cfg: RunConfig, world: int) -> list[int]:
+    """CFG degrees to try: the user's, else in parallel (2) when CFG is on and the ranks split
+    evenly, then one after the other (1) if the planner finds 2 does not fit."""
+    if cfg.cfg_degree is not None:
+        return [cfg.cfg_degree]
+    return [2, 1] if cfg.uses_cfg and world % (2 * cfg.dp) == 0 else [1]
+
+
+def choose_topology(cfg: RunConfig, dit: HunyuanVideoConfig, world: int, cfg_degree: int | None = None) -> ResolvedTopology:
     """Degrees for this job: explicit flags, else the model's topology table, else the rule
     (the same choice `plan` shows)."""
     table = topology_table(dit)
-    cfg_degree = cfg.cfg_degree
-    if cfg_degree is None:  # CFG in parallel when it is on and the ranks split evenly
-        cfg_degree = 2 if cfg.uses_cfg and world % (2 * cfg.dp) == 0 else 1
+    cfg_degree = cfg_degree or cfg_options(cfg, world)[0]
     try:
         return table.resolve(
             height=cfg.height, width=cfg.width, frames=cfg.frames, world_size=world,
@@ -85,13 +98,28 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, list[dict[
     every prompt (None until a seed exists), and the DiT with its checkpoint assigned on the meta
     device (or None)."""
     dit = get_preset(cfg.preset)
-    topology = choose_topology(cfg, dit, world)
     # Output names carry the seed: without one they are checked once rank 0 has drawn it.
     paths = [ph.output_paths(cfg, i) for i in range(len(cfg.prompts))] if cfg.seed is not None else None
     ph.check_model_dir(cfg)
     device, dtype = ph.resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    memory = plan_memory(cfg, dit, world, device, dtype)
     loaded = ph.load_dit_weights(cfg, dtype)
-    return Job(cfg, dit, topology, rank, world, device, dtype), paths, loaded
+    return Job(cfg, dit, memory.topology, memory, rank, world, device, dtype), paths, loaded
+
+
+def plan_memory(cfg: RunConfig, dit: HunyuanVideoConfig, world: int, device: torch.device, dtype) -> JobMemory:
+    """The memory plan (launcher/memory_plan.py) and the topology of its CFG degree."""
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+    def shape_for(degree: int):
+        topo = choose_topology(cfg, dit, world, degree)
+        t = topo.topology
+        return JobShape(preset=cfg.preset, dit=dit, height=cfg.height, width=cfg.width, frames=cfg.frames,
+                        dtype=dtype_name, world=world, dp=t.dp, cfg_degree=t.cfg, ulysses=t.ulysses, ring=t.ring,
+                        text_llm=cfg.model_dir is not None), topo
+
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return plan_job(cfg, shape_for, cfg_options(cfg, world), total)
 
 
 def run_generate(cfg: RunConfig) -> list[Path]:
@@ -129,33 +157,96 @@ def _with_shared_seed(job: Job, mesh: ParallelMesh | None) -> Job:
 def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
     cfg, dit = job.cfg, job.dit
     timer = PhaseTimer(job.device)
+    _cap_memory(job)
     with timer.phase("text_encode"):
-        conds = ph.encode_prompts(cfg, dit, job.device, job.dtype) if job.rank == 0 else None
+        stream_text = job.memory.plan.placement.stream_text
+        conds = ph.encode_prompts(cfg, dit, job.device, job.dtype, stream=stream_text) if job.rank == 0 else None
         if mesh is not None:
             conds = broadcast_object(conds)
-    with timer.phase("load_dit"):
-        model = ph.materialise_dit(cfg, loaded, job.device, job.dtype)
-    grid = dit.token_grid(cfg.height, cfg.width, cfg.frames)
-    shard = parallelize(model, mesh, num_tokens=math.prod(grid))
-    cos, sin = model.rope(grid)
-    rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
-    dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
-    latents: dict[int, torch.Tensor] = {}
-    step_s: dict[int, list[float]] = {}
-    for i in range(dp_rank, len(cfg.prompts), cfg.dp):
-        with timer.phase("denoise"):
-            tokens, step_s[i] = denoise_one(job, model, shard, rope, conds, i, mesh)
-        latents[i] = ph.tokens_to_latents(tokens.cpu(), cfg, dit)
-    peaks = gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
-    del model, rope
-    if job.device.type == "cuda":
-        torch.cuda.empty_cache()
+    plan, oom = job.memory.plan, None
+    log.info("memory: %s (%s; estimate %.1f GiB per GPU)", plan.label, job.memory.reason, plan.peak / 2**30)
+    try:
+        result = _denoise_all(job, plan, loaded, conds, mesh, timer)
+    except torch.OutOfMemoryError as err:
+        if job.memory.fallback is None:
+            raise
+        oom = str(err).split("\n")[0]
+    if oom is not None:  # outside the except block, so the failed attempt's tensors are freed
+        plan = job.memory.fallback
+        _agree_after_oom(job, mesh)
+        log.warning("CUDA out of memory (%s); falling back once to: %s (estimate %.1f GiB per GPU)",
+                    oom, plan.label, plan.peak / 2**30)
+        loaded = ph.load_dit_weights(cfg, job.dtype)  # the first attempt consumed the loaded copy
+        result = _denoise_all(job, plan, loaded, conds, mesh, timer)
+    latents, step_s, peaks, host = result
     written = []
     if _is_writer(mesh):
-        written = _decode_and_write(job, paths, latents, step_s, timer, peaks)
+        memory = {**job.memory.plan.to_dict(), "reason": job.memory.reason, "used": plan.to_dict(),
+                  "fallback_after_oom": oom, "host_store": host,
+                  "budget_gib": None if job.memory.budget is None else job.memory.budget / 2**30}
+        written = _decode_and_write(job, paths, latents, step_s, timer, peaks, plan, memory)
     if mesh is not None:
         torch.distributed.barrier()  # other ranks wait (with the timeout) for the writers
     return written
+
+
+def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh | None, timer: PhaseTimer):
+    """Place the DiT as ``plan`` says and denoise this replica's prompts. Returns the latents and
+    step times per prompt, every rank's peak memory, and the kind of host store (or None)."""
+    cfg, dit = job.cfg, job.dit
+    with timer.phase("load_dit"):
+        model, placed = ph.build_dit(cfg, loaded, job.device, job.dtype, plan.placement, _node_share(job, mesh))
+    try:
+        grid = dit.token_grid(cfg.height, cfg.width, cfg.frames)
+        shard = parallelize(model, mesh, num_tokens=math.prod(grid))
+        cos, sin = model.rope(grid)
+        rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
+        dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
+        latents: dict[int, torch.Tensor] = {}
+        step_s: dict[int, list[float]] = {}
+        for i in range(dp_rank, len(cfg.prompts), cfg.dp):
+            with timer.phase("denoise"):
+                tokens, step_s[i] = denoise_one(job, model, shard, rope, conds, i, mesh)
+            latents[i] = ph.tokens_to_latents(tokens.cpu(), cfg, dit)
+        peaks = gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
+        return latents, step_s, peaks, placed.host_kind
+    finally:
+        placed.close()
+        del model
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _node_share(job: Job, mesh: ParallelMesh | None) -> NodeShare | None:
+    """Ranks of a node share one host copy of the streamed blocks (local rank 0 writes it)."""
+    if mesh is None:
+        return None
+    return NodeShare(name=node_share_name("dit"), writer=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+                     barrier=torch.distributed.barrier, agree=lambda ok: all_true(ok, job.device))
+
+
+def _cap_memory(job: Job) -> None:
+    """Hold the caching allocator under the budget, less what lives outside it (context, NCCL
+    buffers now, ``NCCL_ALLOWANCE`` for communicators made later), so the budget is real."""
+    if job.memory.budget is None or job.device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(job.device).total_memory
+    outside = device_used_bytes(job.device) - torch.cuda.memory_reserved(job.device)
+    allowed = job.memory.budget - outside - NCCL_ALLOWANCE
+    torch.cuda.set_per_process_memory_fraction(max(allowed, 0) / total, job.device)
+    log.info("GPU memory budget %.2f GiB: allocator capped at %.2f GiB (%.2f GiB outside it)",
+             job.memory.budget / 2**30, allowed / 2**30, (outside + NCCL_ALLOWANCE) / 2**30)
+
+
+def _agree_after_oom(job: Job, mesh: ParallelMesh | None) -> None:
+    """Every rank must have run out of memory at the same point (the usual case: the same shapes
+    on every rank) to fall back together; if one did not, it is still inside a collective and this
+    all-reduce fails at the job's timeout, which ends the job non-zero rather than hanging it."""
+    gc.collect()
+    if job.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if mesh is not None:
+        all_true(True, job.device)
 
 
 def _is_writer(mesh: ParallelMesh | None) -> bool:
@@ -195,7 +286,8 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
             return shard.gather(out), [b - a for a, b in zip(marks, marks[1:])]
 
 
-def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks) -> list[Path]:
+def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks, plan: MemoryPlan,
+                      memory: dict) -> list[Path]:
     from .video import write_json_atomic
 
     cfg = job.cfg
@@ -204,12 +296,13 @@ def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks
         return written
     with timer.phase("load_vae"):
         vae = ph.load_vae_for(cfg, job.dit, job.device)
+    tiling = cfg.vae_tiling if cfg.vae_tiling != "auto" else plan.placement.vae_tiling
     for i, lat in latents.items():
         with timer.phase("vae_decode"):
-            video = ph.decode(vae, lat, cfg.vae_tiling)
+            video = ph.decode(vae, lat, tiling)
         with timer.phase("write"):
             ph.write_outputs(cfg, paths[i], video, lat)
-        write_json_atomic(record(job, i, timer, step_s[i], peaks, paths[i]), paths[i]["record"],
+        write_json_atomic(record(job, i, timer, step_s[i], peaks, paths[i]) | {"memory": memory}, paths[i]["record"],
                           overwrite=cfg.overwrite)
         log.info("wrote %s", paths[i]["video"])
         written.append(paths[i]["video"])

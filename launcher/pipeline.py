@@ -62,21 +62,43 @@ def check_model_dir(cfg: RunConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def encode_prompts(cfg: RunConfig, dit_cfg: HunyuanVideoConfig, device, dtype) -> list[TextConditioning]:
+def encode_prompts(cfg: RunConfig, dit_cfg: HunyuanVideoConfig, device, dtype, *, stream: bool = False) -> list[TextConditioning]:
     """Every prompt (then the negative prompt, if any) on the CPU; the encoders are freed
-    before returning so the DiT gets their memory."""
-    from models.hunyuan_video.text_encoder import load_text_encoder
+    before returning so the DiT gets their memory. ``stream``: the LLM's decoder layers stay in
+    host memory and are streamed to ``device`` one at a time (for budgets below its ~15 GiB)."""
+    from models.hunyuan_video.text_encoder import HunyuanTextEncoders, load_text_encoder
 
     encoder = load_text_encoder(
         None if cfg.model_dir is None else str(cfg.model_dir),
-        text_dim=dit_cfg.text_states_dim, pooled_dim=dit_cfg.pooled_dim, device=device, dtype=dtype,
+        text_dim=dit_cfg.text_states_dim, pooled_dim=dit_cfg.pooled_dim,
+        device="cpu" if stream else device, dtype=dtype,
     )
+    placed = stream_llm(encoder, device) if stream and isinstance(encoder, HunyuanTextEncoders) else None
     texts = list(cfg.prompts) + ([cfg.negative_prompt] if cfg.uses_cfg else [])
-    conds = [encoder.encode([p]).to("cpu") for p in texts]
+    try:
+        conds = [encoder.encode([p]).to("cpu") for p in texts]
+    finally:
+        if placed is not None:
+            placed.close()
     del encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return conds
+
+
+def stream_llm(encoder, device):
+    """Put the encoders (loaded on the CPU) on ``device`` except the LLM's decoder layers, which
+    are streamed from host memory. Returns the PlacedBlocks (close it when done)."""
+    from parallel.placement import place_blocks
+
+    llm = encoder.llm.model
+    for name, child in llm.named_children():
+        if name != "layers":
+            child.to(device)
+    encoder.clip.model.to(device)
+    layers = [(f"layers.{i}", layer) for i, layer in enumerate(llm.layers)]
+    return place_blocks(layers, device=device, streamed=len(layers), materialise=lambda name, m: m,
+                        structure=lambda name, m: m.to("meta"))
 
 
 def load_dit_weights(cfg: RunConfig, dtype) -> torch.nn.Module | None:
@@ -87,11 +109,56 @@ def load_dit_weights(cfg: RunConfig, dtype) -> torch.nn.Module | None:
     return models.load_weights(models.build_model(cfg.preset, device="meta", dtype=dtype), cfg.model_dir)
 
 
-def materialise_dit(cfg: RunConfig, loaded, device, dtype):
-    if loaded is None:
-        # Random weights are one fixed model per preset (seed 0); --seed only changes the noise.
-        return models.build_model(cfg.preset, device=device, dtype=dtype, seed=0)
-    return loaded.to(device)
+def dit_blocks(model) -> list[tuple[str, torch.nn.Module]]:
+    """The DiT's blocks in execution order, with their state-dict prefixes."""
+    return [(f"double_blocks.{i}", b) for i, b in enumerate(model.double_blocks)] + [
+        (f"single_blocks.{i}", b) for i, b in enumerate(model.single_blocks)
+    ]
+
+
+def _to_fp8(block: torch.nn.Module, fp8: str) -> torch.nn.Module:
+    """A block's linears as float8 (idempotent: a Float8Linear is left as it is)."""
+    if fp8 != "off":
+        from models.fp8 import quantize_model
+
+        quantize_model(block, mode=fp8, include=("",))
+    return block
+
+
+def _materialiser(device, fp8: str):
+    """``materialise(name, module)``: real values on ``device`` in the final structure. Modules
+    still on the meta device get the preset's seeded random weights (the same values a whole
+    `build_model` would give them); loaded ones (memory-mapped) are copied over."""
+
+    def materialise(name: str, module: torch.nn.Module) -> torch.nn.Module:
+        if any(p.is_meta for p in module.parameters()):
+            module.to_empty(device=device)
+            models.weights.init_random_(module, 0, prefix=name)
+        else:
+            module.to(device)
+        return _to_fp8(module, fp8)
+
+    return materialise
+
+
+def build_dit(cfg: RunConfig, loaded, device, dtype, placement, share=None):
+    """The DiT placed as ``placement`` says (launcher/memory_plan.py): everything but the blocks
+    on ``device``; the first blocks resident there (FP8 if asked), the last ``streamed`` behind a
+    layer streamer. Returns ``(model, PlacedBlocks)``."""
+    from parallel.placement import place_blocks
+
+    model = loaded if loaded is not None else models.build_model(cfg.preset, device="meta", dtype=dtype)
+    for name, child in model.named_children():
+        if name not in ("double_blocks", "single_blocks"):
+            _materialiser(device, "off")(name, child)  # embedders and final layer stay in --dtype
+
+    def structure(name: str, block: torch.nn.Module) -> torch.nn.Module:
+        return _to_fp8(block.to("meta"), placement.fp8)
+
+    placed = place_blocks(dit_blocks(model), device=device, streamed=placement.streamed,
+                          materialise=_materialiser(device, placement.fp8),
+                          structure=structure, prefetch=placement.prefetch, share=share)
+    return model.eval(), placed
 
 
 def load_vae_for(cfg: RunConfig, dit_cfg: HunyuanVideoConfig, device):

@@ -33,12 +33,39 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def host_pss_bytes() -> int | None:
+    """This process's proportional set size: shared pages (a node-shared weight store) count
+    1/N in each of the N processes mapping them, so the ranks' PSS add up to the node's use."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def device_used_bytes(device: torch.device) -> int:
+    """Bytes in use on the whole GPU (this process's context, NCCL buffers and allocator pool)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak GPU memory allocated by torch (GiB) on CUDA, and this process's peak host RSS (GiB)."""
+    """Peak GPU memory (GiB) on CUDA: allocated and reserved by torch, and on the device as a
+    whole (reserved peak + what lives outside the allocator now: context, NCCL); this process's
+    peak host RSS and current PSS (GiB)."""
     out = {"host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    pss = host_pss_bytes()
+    if pss is not None:
+        out["host_pss_gib"] = pss / 2**30
     if device.type == "cuda":
+        reserved_peak = torch.cuda.max_memory_reserved(device)
+        outside = device_used_bytes(device) - torch.cuda.memory_reserved(device)
         out["gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        out["gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        out["gpu_reserved_gib"] = reserved_peak / 2**30
+        out["gpu_device_peak_gib"] = (reserved_peak + outside) / 2**30
     return out
 
 

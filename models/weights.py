@@ -158,14 +158,16 @@ def assign_state_dict(model: nn.Module, sd: StateDict) -> None:
 
 
 @torch.no_grad()
-def init_random_(model: nn.Module, seed: int) -> nn.Module:
+def init_random_(model: nn.Module, seed: int, prefix: str = "") -> nn.Module:
     """Seeded random weights, independent of parameter creation order and of other RNG use.
 
-    Each parameter draws from its own generator seeded by (seed, name), so the same seed gives the
-    same weights on every rank of the same device type. Matrices: U(+-1/sqrt(fan_in)) as
-    nn.Linear; norm weights 1 and norm biases 0; other vectors U(+-0.02).
+    Each parameter draws from its own generator seeded by (seed, prefix + name), so the same seed
+    gives the same weights on every rank of the same device type, and a submodule initialised on
+    its own with its path as ``prefix`` gets the weights it would get inside the whole model.
+    Matrices: U(+-1/sqrt(fan_in)) as nn.Linear; norm weights 1 and norm biases 0; other vectors
+    U(+-0.02).
     """
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(prefix=prefix.removesuffix(".")):
         gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         if p.ndim == 1 and "norm" in name:
             p.fill_(1.0 if name.endswith("weight") else 0.0)

@@ -81,6 +81,14 @@ def all_finite(x: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
     return bool(ok.item())
 
 
+def all_true(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``flag`` holds on every rank of ``group`` (``device``: where the backend's
+    tensors live, CUDA for NCCL)."""
+    ok = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    return bool(ok.item())
+
+
 def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
     """`obj` from global rank `src` on every rank (pickled; for small things such as text
     embeddings, which are a few MB). Tensors arrive on the CPU if they left from the CPU."""

@@ -1,0 +1,343 @@
+"""The memory planner: how a job's weights, CFG passes and VAE tiles are placed so that every rank
+stays under a GPU memory budget, at the least cost in speed and quality.
+
+Knobs, from cheapest to dearest:
+
+1. layer streaming of the last ``k`` DiT blocks from host memory (exact; the copies overlap the
+   compute, so the cost is ~0 while a block's copy is shorter than a block's compute);
+2. CFG passes one after the other on the same ranks instead of in parallel (cfg 2 -> 1: each rank
+   holds half as many tokens);
+3. the small VAE tiles (17x16x16 latents) instead of the release's (slower decode, ~3x less memory);
+4. FP8 weights (float8 e4m3 with per-channel scales; lossy, see docs/BENCHMARKS.md), only when
+   ``--fp8 auto`` allows it and nothing exact fits.
+
+Per-rank denoise peak (bytes) = resident weights + streaming slots + activations (one forward at
+this rank's tokens, ``dit_activations``) + FP8 temporaries + ``RUNTIME_OVERHEAD`` (CUDA context,
+NCCL buffers, allocator slack; measured). The decode peak (first rank of each replica, DiT freed)
+is the VAE's. The text encoders run before the DiT is loaded and are freed: their peak is checked
+alone and, if it does not fit, the LLM's layers are streamed too.
+
+Named profiles fix the knobs instead: ``default`` (everything resident), ``light`` (stream half
+the blocks, small VAE tiles), ``extreme`` (stream every block, FP8 storage, small tiles,
+sequential CFG, streamed LLM).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from torch import nn
+
+import models
+from models.hunyuan_video import HunyuanVideoConfig
+from models.hunyuan_video.text_encoder import TEXT_LEN
+from parallel.sequence import shard_length
+
+from .config import ConfigError
+from .memory_estimate import DTYPE_BYTES, VAE_DTYPE_BYTES, dit_activations, vae_decode_bytes, vae_tiling_config
+
+GIB = 2**30
+RUNTIME_OVERHEAD = int(1.25 * GIB)  # context + NCCL communicators + allocator slack (see BENCHMARKS)
+PROFILES = ("default", "light", "extreme")
+FP8_MODES = ("off", "auto", "storage", "matmul")
+LLM_PARAMS = 7_500_000_000  # the release's llava-llama-3-8b language model (its 32 decoder layers)
+LLM_LAYERS = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """One combination of the knobs. ``streamed``: the last N DiT blocks live in host memory."""
+
+    streamed: int = 0
+    fp8: str = "off"  # off, storage, matmul
+    cfg_degree: int = 1
+    vae_tiling: str = "release"
+    stream_text: bool = False
+    prefetch: int = 1
+
+    def label(self, blocks: int) -> str:
+        parts = [f"fp8-{self.fp8}" if self.fp8 != "off" else "bf16"]
+        if self.streamed:
+            parts.append(f"stream {self.streamed}/{blocks} blocks")
+        parts.append(f"cfg {'parallel' if self.cfg_degree == 2 else 'sequential'}")
+        parts.append(f"{self.vae_tiling} VAE tiles")
+        if self.stream_text:
+            parts.append("streamed LLM")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPlan:
+    """A placement and its per-rank estimate (bytes)."""
+
+    placement: Placement
+    resident_weights: int
+    slots: int
+    activations: int
+    fp8_temp: int
+    decode: int
+    text: int
+    blocks: int
+
+    @property
+    def denoise(self) -> int:
+        return self.resident_weights + self.slots + self.activations + self.fp8_temp + RUNTIME_OVERHEAD
+
+    @property
+    def peak(self) -> int:
+        return max(self.denoise, self.decode + RUNTIME_OVERHEAD, self.text + RUNTIME_OVERHEAD)
+
+    @property
+    def label(self) -> str:
+        return self.placement.label(self.blocks)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "streamed_blocks": self.placement.streamed, "fp8": self.placement.fp8,
+                "cfg": self.placement.cfg_degree, "vae_tiling": self.placement.vae_tiling,
+                "stream_text": self.placement.stream_text, "peak_bytes": self.peak,
+                "denoise_bytes": self.denoise, "resident_weight_bytes": self.resident_weights,
+                "slot_bytes": self.slots, "activation_bytes": self.activations}
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes from shapes (meta device)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DitSizes:
+    """Bytes of the DiT's parts at a dtype: outside the blocks, and per block in execution order
+    (``bf16`` and as FP8), plus the largest block linear's bf16 weight (the FP8 dequant buffer)."""
+
+    other: int
+    blocks: tuple[int, ...]
+    blocks_fp8: tuple[int, ...]
+    largest_linear: int
+
+
+def _fp8_bytes(block: nn.Module, b: int) -> int:
+    """A block with its linears in float8 (1 B/weight + a float32 scale per output row)."""
+    total = 0
+    for mod in block.modules():
+        if isinstance(mod, nn.Linear):
+            total += mod.weight.numel() + 4 * mod.out_features + (b * mod.bias.numel() if mod.bias is not None else 0)
+        else:
+            total += sum(p.numel() for p in mod.parameters(recurse=False)) * b
+    return total
+
+
+@functools.cache
+def dit_sizes(preset: str, dtype: str) -> DitSizes:
+    model = models.build_model(preset, device="meta")
+    b = DTYPE_BYTES[dtype]
+    blocks = [*model.double_blocks, *model.single_blocks]
+    in_blocks = {id(p) for blk in blocks for p in blk.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks) * b
+    largest = max(m.weight.numel() for blk in blocks for m in blk.modules() if isinstance(m, nn.Linear))
+    return DitSizes(
+        other=other,
+        blocks=tuple(sum(p.numel() for p in blk.parameters()) * b for blk in blocks),
+        blocks_fp8=tuple(_fp8_bytes(blk, b) for blk in blocks),
+        largest_linear=largest * b,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Estimates and choice
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobShape:
+    """What the planner needs to know of a job."""
+
+    preset: str
+    dit: HunyuanVideoConfig
+    height: int
+    width: int
+    frames: int
+    dtype: str
+    world: int  # GPUs of the job
+    dp: int
+    cfg_degree: int
+    ulysses: int
+    ring: int
+    text_llm: bool  # a real LLM text encoder will be loaded (--model-dir)
+
+
+def estimate(shape: JobShape, p: Placement) -> MemoryPlan:
+    sizes = dit_sizes(shape.preset, shape.dtype)
+    per_block = sizes.blocks_fp8 if p.fp8 != "off" else sizes.blocks
+    n = len(per_block)
+    resident = sizes.other + sum(per_block[: n - p.streamed])
+    slots = (p.prefetch + 1) * max(per_block[n - p.streamed :]) if p.streamed else 0
+    tokens = math.prod(shape.dit.token_grid(shape.height, shape.width, shape.frames))
+    local = shard_length(tokens, shape.ulysses * shape.ring)
+    acts = dit_activations(
+        image_tokens=local, text_tokens=TEXT_LEN, hidden=shape.dit.hidden_size, mlp_hidden=shape.dit.mlp_hidden,
+        ulysses=shape.ulysses, ring=shape.ring, dtype_bytes=DTYPE_BYTES[shape.dtype],
+    ).peak
+    fp8_temp = sizes.largest_linear if p.fp8 == "storage" else (local + TEXT_LEN) * 4 * shape.dit.mlp_hidden if p.fp8 == "matmul" else 0
+    latent = shape.dit.latent_grid(shape.height, shape.width, shape.frames)
+    decode = vae_decode_bytes(latent, vae_tiling_config(p.vae_tiling)) + 250_000_000 * VAE_DTYPE_BYTES
+    text = _text_bytes(shape, p.stream_text)
+    return MemoryPlan(placement=p, resident_weights=resident, slots=slots, activations=acts, fp8_temp=fp8_temp,
+                      decode=decode, text=text, blocks=n)
+
+
+def _text_bytes(shape: JobShape, streamed: bool) -> int:
+    if not shape.text_llm:
+        return 0
+    layer = LLM_PARAMS // LLM_LAYERS * 2
+    return 3 * layer + 2 * GIB if streamed else LLM_PARAMS * 2 + GIB  # embeddings/head + a few layers + acts
+
+
+def candidates(shape: JobShape, fp8: str) -> list[Placement]:
+    """Placements in order of cost, for the shape's CFG degree (the caller tries cfg 2, then 1):
+    the first that fits wins. Within a rung, k = 0, 1, ... streamed blocks."""
+    n = len(dit_sizes(shape.preset, shape.dtype).blocks)
+    modes = (["off"] if fp8 in ("off", "auto") else [fp8]) + (["storage"] if fp8 == "auto" else [])
+    rungs = [Placement(fp8=m, cfg_degree=shape.cfg_degree, vae_tiling=t) for m in modes for t in ("release", "small")]
+    return [replace(r, streamed=k) for r in rungs for k in range(n + 1)]
+
+
+def profile_placement(profile: str, shape: JobShape) -> Placement:
+    """The fixed placement of a named profile (its CFG degree is the shape's)."""
+    n = len(dit_sizes(shape.preset, shape.dtype).blocks)
+    if profile == "default":
+        return Placement(cfg_degree=shape.cfg_degree)
+    if profile == "light":
+        return Placement(streamed=n // 2, cfg_degree=shape.cfg_degree, vae_tiling="small")
+    if profile == "extreme":
+        return Placement(streamed=n, fp8="storage", cfg_degree=shape.cfg_degree, vae_tiling="small",
+                         stream_text=shape.text_llm)
+    raise ConfigError(f"--memory-profile {profile!r}; valid: {', '.join(PROFILES)}")
+
+
+def _fits(shape: JobShape, p: Placement, budget: int) -> MemoryPlan | None:
+    """``p`` as it is, else with the LLM streamed, if either fits ``budget``."""
+    for stream_text in sorted({p.stream_text, True}):
+        plan = estimate(shape, replace(p, stream_text=stream_text))
+        if plan.peak <= budget:
+            return plan
+    return None
+
+
+def choose(shape: JobShape, budget: int, fp8: str = "auto") -> tuple[MemoryPlan, MemoryPlan | None]:
+    """The cheapest plan whose peak fits ``budget`` bytes, and the one to fall back to after an
+    out-of-memory error: the next plan that needs at least 10% (and 1 GiB) less, or None.
+    Raises ConfigError with the smallest estimate when nothing fits."""
+    chosen = None
+    for p in candidates(shape, fp8):
+        plan = _fits(shape, p, budget)
+        if plan is None:
+            continue
+        if chosen is None:
+            chosen = plan
+        elif plan.peak <= chosen.peak - max(GIB, chosen.peak // 10):
+            return chosen, plan
+    if chosen is None:
+        lossy = "storage" if fp8 != "off" else "off"
+        best = min((estimate(shape, replace(p, stream_text=shape.text_llm)) for p in candidates(shape, lossy)),
+                   key=lambda m: m.peak)
+        raise ConfigError(
+            f"--max-gpu-memory {budget / GIB:.1f}GiB: nothing fits; the smallest plan ({best.label}) "
+            f"needs {best.peak / GIB:.1f} GiB per GPU (resident weights {best.resident_weights / GIB:.1f}, "
+            f"activations {best.activations / GIB:.1f}, runtime {RUNTIME_OVERHEAD / GIB:.2f}); use more GPUs, "
+            f"a smaller size{'' if fp8 == 'auto' else ', or --fp8 auto'}"
+        )
+    return chosen, None
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|mib|mb|g|m)?\s*$", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '24G', '22.5gib', '24000MiB' -> bytes (G = GiB: GPUs are sold in GiB). 'GB' is
+    decimal."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"--max-gpu-memory {text!r}: expected a size such as 24GiB or 12000MiB")
+    value, unit = float(m.group(1)), (m.group(2) or "gib").lower()
+    scale = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6}[unit]
+    if value <= 0:
+        raise ConfigError(f"--max-gpu-memory {text!r}: must be positive")
+    return int(value * scale)
+
+
+def device_overhead_note() -> str:
+    return f"runtime overhead {RUNTIME_OVERHEAD / GIB:.2f} GiB per rank (CUDA context, NCCL, allocator slack)"
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# One job
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobMemory:
+    """What a job runs with: the plan, the fallback after an OOM (or None), the topology of the
+    plan's CFG degree, the budget (bytes, None = no cap) and why."""
+
+    plan: MemoryPlan
+    fallback: MemoryPlan | None
+    topology: object  # parallel.topology.ResolvedTopology
+    budget: int | None
+    reason: str
+
+
+def _fixed(cfg, shape: JobShape) -> Placement:
+    """The profile's placement with the explicit flags applied over it."""
+    p = profile_placement(cfg.memory_profile or "default", shape)
+    if cfg.stream_blocks is not None:
+        n = len(dit_sizes(shape.preset, shape.dtype).blocks)
+        if cfg.stream_blocks > n:
+            raise ConfigError(f"--stream-blocks {cfg.stream_blocks}: the {shape.preset} DiT has {n} blocks")
+        p = replace(p, streamed=cfg.stream_blocks)
+    if cfg.fp8 in ("storage", "matmul"):
+        p = replace(p, fp8=cfg.fp8)
+    return replace(p, prefetch=cfg.prefetch)
+
+
+def plan_job(cfg, shape_for: Callable[[int], tuple[JobShape, object]], cfg_options: list[int],
+             device_memory: int | None) -> JobMemory:
+    """The memory plan of a `generate` job (every rank computes the same one, before any
+    collective). ``shape_for(cfg_degree)`` gives the job's shape and resolved topology for a CFG
+    degree; ``cfg_options`` the degrees allowed (the user's, or 2 then 1); ``device_memory`` the
+    GPU's total bytes (None on CPU). Explicit knobs (a profile, --stream-blocks, --fp8 storage or
+    matmul) are taken as given and only checked against a budget; otherwise the planner chooses
+    under --max-gpu-memory, or under the GPU's own memory."""
+    fixed = cfg.memory_profile is not None or cfg.stream_blocks is not None or cfg.fp8 in ("storage", "matmul")
+    budget = cfg.max_gpu_memory
+    if fixed:
+        shape, topo = shape_for(cfg_options[0])
+        plan = estimate(shape, _fixed(cfg, shape))
+        if budget is not None and plan.peak > budget:
+            raise ConfigError(f"--max-gpu-memory {budget / GIB:.1f}GiB: the requested placement ({plan.label}) "
+                              f"needs {plan.peak / GIB:.1f} GiB per GPU; leave the knobs to the planner")
+        return JobMemory(plan, None, topo, budget, "explicit flags" if cfg.memory_profile is None
+                         else f"profile {cfg.memory_profile}")
+    limit = budget if budget is not None else device_memory
+    if limit is None:  # CPU: nothing to plan
+        shape, topo = shape_for(cfg_options[0])
+        return JobMemory(estimate(shape, Placement(cfg_degree=shape.cfg_degree, prefetch=cfg.prefetch)),
+                         None, topo, None, "no GPU")
+    error = None
+    for degree in cfg_options:
+        shape, topo = shape_for(degree)
+        try:
+            plan, fallback = choose(shape, limit, "auto" if cfg.fp8 == "auto" else "off")
+        except ConfigError as err:
+            error = err
+            continue
+        plan, fallback = (replace(m, placement=replace(m.placement, prefetch=cfg.prefetch)) if m else None
+                          for m in (plan, fallback))
+        why = f"budget {limit / GIB:.1f} GiB" if budget is not None else f"GPU memory {limit / GIB:.1f} GiB"
+        return JobMemory(plan, fallback, topo, budget, why)
+    raise error
