@@ -19,6 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -38,6 +39,7 @@ from parallel.topology import (
 )
 
 from .config import DTYPES, PRESET_DEFAULTS, VAE_TILINGS, ConfigError, RunConfig, parse_size
+from .memory_plan import FP8_MODES, PROFILES, JobMemory, JobShape, device_overhead_note, parse_memory, plan_job
 from .memory_estimate import (
     DTYPE_BYTES,
     GIB,
@@ -77,6 +79,7 @@ class Plan:
     pad_tokens: int
     text_tokens: int
     memory: MemoryEstimate
+    placement: JobMemory | None = None  # with --max-gpu-memory or memory knobs
 
     @property
     def topology(self) -> Topology:
@@ -96,6 +99,7 @@ def make_plan(
     ulysses: int | None = None,
     ring: int | None = None,
     vae_tiling: str = "auto",
+    memory_knobs: SimpleNamespace | None = None,
 ) -> Plan:
     """The plan of one job. Raises ConfigError (size, frames, preset, dtype, GPUs) or TopologyError
     with the same messages `generate` gives."""
@@ -118,7 +122,20 @@ def make_plan(
         latent_grid=latent, token_grid=grid, image_tokens=n, tokens_per_rank=per_rank,
         padded_tokens=padded, pad_tokens=padded - n, text_tokens=TEXT_LEN,
         memory=estimate_memory(dit, dtype, per_rank, topo, latent, vae_tiling),
+        placement=None if memory_knobs is None else _placement(memory_knobs, preset, dit, chosen, height, width,
+                                                                frames, gpus, dtype),
     )
+
+
+def _placement(knobs, preset, dit, chosen, height, width, frames, gpus, dtype) -> JobMemory:
+    """What `generate` would choose with these memory flags (launcher/memory_plan.py)."""
+    t = chosen.topology
+
+    def shape_for(degree: int):
+        return JobShape(preset=preset, dit=dit, height=height, width=width, frames=frames, dtype=dtype, world=gpus,
+                        dp=t.dp, cfg_degree=t.cfg, ulysses=t.ulysses, ring=t.ring, text_llm=knobs.text_llm), chosen
+
+    return plan_job(knobs, shape_for, [t.cfg], None)
 
 
 def check_job(*, preset: str, height: int, width: int, frames: int, dtype: str, vae_tiling: str) -> None:
@@ -256,7 +273,7 @@ def _memory_lines(plan: Plan) -> list[str]:
     weights = f"{mem.dit_params:,} params x {DTYPE_BYTES[plan.dtype]} B ({plan.dtype})"
     forward = f"{plan.tokens_per_rank:,} + {plan.text_tokens} tokens ({acts.peak_phase} phase of one block)"
     others = f"{mem.denoise / GIB:.2f} on the others"
-    return [
+    return [*_placement_lines(plan),
         "memory per rank, GiB (estimate):",
         f"  DiT weights      {_gib(mem.dit_weights)}  {weights}, on every rank",
         f"  DiT activations  {_gib(acts.peak)}  one forward at {forward}",
@@ -266,6 +283,23 @@ def _memory_lines(plan: Plan) -> list[str]:
         *(f"  note: {n}" for n in mem.notes),
         f"  not included: {NOT_INCLUDED}",
     ]
+
+
+def _placement_lines(plan: Plan) -> list[str]:
+    if plan.placement is None:
+        return []
+    m = plan.placement
+    p = m.plan
+    lines = [
+        f"memory plan ({m.reason}):",
+        f"  chosen: {p.label}",
+        f"    peak {p.peak / GIB:.2f} GiB per GPU: resident weights {p.resident_weights / GIB:.2f}, streaming slots "
+        f"{p.slots / GIB:.2f}, activations {p.activations / GIB:.2f}, FP8 buffers {p.fp8_temp / GIB:.2f}, "
+        f"{device_overhead_note()}; VAE decode {p.decode / GIB:.2f}, text encoders {p.text / GIB:.2f}",
+    ]
+    if m.fallback is not None:
+        lines.append(f"  after an out-of-memory error, once: {m.fallback.label} ({m.fallback.peak / GIB:.2f} GiB)")
+    return lines + [""]
 
 
 def plan_to_dict(plan: Plan) -> dict:
@@ -293,6 +327,10 @@ def plan_to_dict(plan: Plan) -> dict:
             "writer_peak": mem.writer_peak, "other_ranks_peak": mem.denoise,
         },
         "notes": list(mem.notes),
+        "memory_plan": None if plan.placement is None else {
+            "reason": plan.placement.reason, "chosen": plan.placement.plan.to_dict(),
+            "fallback": None if plan.placement.fallback is None else plan.placement.fallback.to_dict(),
+        },
     }
 
 
@@ -313,6 +351,12 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ulysses", type=int, help="Ulysses degree (default: the topology table's choice)")
     p.add_argument("--ring", type=int, help="ring degree (default: the topology table's choice)")
     p.add_argument("--vae-tiling", default="auto", choices=VAE_TILINGS, help="auto = release")
+    p.add_argument("--max-gpu-memory", help="per-GPU budget (e.g. 24GiB): show the placement generate would pick")
+    p.add_argument("--memory-profile", choices=PROFILES, help="a fixed placement: default, light, extreme")
+    p.add_argument("--fp8", default="off", choices=FP8_MODES, help="as generate's --fp8")
+    p.add_argument("--stream-blocks", type=int, help="as generate's --stream-blocks")
+    p.add_argument("--with-text-encoder", action="store_true",
+                   help="count the release's LLM text encoder (generate with --model-dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -327,8 +371,18 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         preset=args.preset, height=height, width=width,
         frames=args.frames if args.frames is not None else defaults.frames, gpus=args.gpus,
         dtype=args.dtype, cfg=args.cfg, dp=args.dp, ulysses=args.ulysses, ring=args.ring,
-        vae_tiling=args.vae_tiling,
+        vae_tiling=args.vae_tiling, memory_knobs=_memory_knobs(args),
     )
+
+
+def _memory_knobs(args: argparse.Namespace) -> SimpleNamespace | None:
+    if args.max_gpu_memory is None and args.memory_profile is None and args.stream_blocks is None and args.fp8 == "off":
+        return None
+    budget = None if args.max_gpu_memory is None else parse_memory(args.max_gpu_memory)
+    if args.fp8 == "auto" and budget is None:
+        raise ConfigError("--fp8 auto lets the planner choose FP8 under --max-gpu-memory: give a budget")
+    return SimpleNamespace(max_gpu_memory=budget, memory_profile=args.memory_profile, fp8=args.fp8,
+                           stream_blocks=args.stream_blocks, prefetch=1, text_llm=args.with_text_encoder)
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -164,3 +164,48 @@ def test_generate_streaming_single_process_is_exact(tmp_path):
         assert proc.returncode == 0, proc.stderr
     assert torch.equal(_latents(plain), _latents(streamed))
     assert _record(streamed)["memory"]["host_store"] == "pageable"
+
+
+def test_out_of_memory_falls_back_once_and_says_so(tmp_path, monkeypatch):
+    """The first placement runs out of memory: the job rebuilds the DiT with the fallback plan,
+    finishes, logs it and records it; the latents equal a plain run's."""
+    import dataclasses
+
+    import launcher.job as job
+    from launcher.__main__ import main
+    from launcher.memory_plan import estimate
+
+    plan_memory, denoise_all = job.plan_memory, job._denoise_all
+    calls = []
+
+    def with_fallback(cfg, dit, world, device, dtype):
+        planned = plan_memory(cfg, dit, world, device, dtype)
+        shape = _tiny_shape(dit)
+        return dataclasses.replace(planned, fallback=estimate(shape, Placement(streamed=4)))
+
+    def oom_first(j, plan, *args):
+        calls.append(plan.placement.streamed)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return denoise_all(j, plan, *args)
+
+    monkeypatch.setattr(job, "plan_memory", with_fallback)
+    monkeypatch.setattr(job, "_denoise_all", oom_first)
+    out = tmp_path / "fallback"
+    argv = ["generate", "--preset", "tiny", "--steps", "2", "--seed", "7", "--save-latents", "--output-dir", str(out),
+            "--prompt", PROMPT[1]]
+    assert main(argv) == 0
+    assert calls == [0, 4]
+    memory = _record(out)["memory"]
+    assert memory["used"]["streamed_blocks"] == 4 and "out of memory" in memory["fallback_after_oom"]
+    plain = tmp_path / "plain"
+    monkeypatch.undo()
+    assert main([*argv[:-3], str(plain), "--prompt", PROMPT[1]]) == 0
+    assert torch.equal(_latents(plain), _latents(out))
+
+
+def _tiny_shape(dit):
+    from launcher.memory_plan import JobShape
+
+    return JobShape(preset="tiny", dit=dit, height=64, width=96, frames=9, dtype="fp32", world=1, dp=1,
+                    cfg_degree=1, ulysses=1, ring=1, text_llm=False)

@@ -281,3 +281,20 @@ def test_builtin_dtype_and_device():
     assert cond.txt.dtype == cond.pooled.dtype == torch.bfloat16 and cond.mask.dtype == torch.long
     assert e.to("cpu") is e
     e.offload(), e.close()
+
+
+def test_streamed_llm_layers_encode_the_same(ckpts, enc):
+    """The LLM's decoder layers streamed from host memory (launcher.pipeline.stream_llm, for GPU
+    budgets below the LLM's size) give the same states as the resident encoder."""
+    from launcher.pipeline import stream_llm
+
+    prompts = ["A cat walks on the grass", "a red fox"]
+    want = enc.encode(prompts)
+    streamed = HunyuanTextEncoders.from_pretrained(ckpts["release"], device="cpu", dtype=torch.float32)
+    placed = stream_llm(streamed, torch.device("cpu"))
+    try:
+        assert len(placed.streamed) == len(streamed.llm.model.layers)
+        got = streamed.encode(prompts)
+    finally:
+        placed.close()
+    assert torch.equal(got.txt, want.txt) and torch.equal(got.mask, want.mask) and torch.equal(got.pooled, want.pooled)
