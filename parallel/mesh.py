@@ -216,12 +216,25 @@ class ParallelMesh:
         return self.local_rank(MeshAxis.RING) * self.dims.ulysses + self.local_rank(MeshAxis.ULYSSES)
 
 
+def _ring_options(axes: Sequence[MeshAxis]):
+    """NCCL options of the ring groups: ``LAUNCHER_RING_MAX_CTAS`` caps the CTAs (SMs) the ring's
+    P2P kernels may take while they overlap the attention kernel (unset: NCCL's default)."""
+    cap = os.environ.get("LAUNCHER_RING_MAX_CTAS")
+    if not cap or tuple(axes) != (MeshAxis.RING,) or dist.get_backend() != "nccl":
+        return None
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.config.max_ctas = int(cap)
+    opts.config.min_ctas = 1
+    return opts
+
+
 def _new_groups(dims: ParallelDims, axes: Sequence[MeshAxis], rank: int, timeout) -> dist.ProcessGroup:
     """Create every group along ``axes`` (all ranks must call this in the same order) and
     return the one holding ``rank``."""
     mine = None
+    options = _ring_options(axes)
     for ranks in dims.group_ranks(axes):
-        group = dist.new_group(ranks=ranks, timeout=timeout)
+        group = dist.new_group(ranks=ranks, timeout=timeout, pg_options=options)
         if rank in ranks:
             mine = group
     return mine
