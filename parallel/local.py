@@ -78,16 +78,36 @@ def attend(
     return torch.cat(outs), torch.cat(lses)
 
 
-def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """In place: ``(acc_out, acc_lse) <- merge((acc_out, acc_lse), (out, lse))``.
+def _merge_blocks_eager(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    lse = torch.logsumexp(torch.stack(lses), dim=0)  # [B, H, S]
+    acc = None
+    for out, part in zip(outs, lses):
+        w = torch.exp(part - lse).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+        acc = out.float() * w if acc is None else acc.addcmul_(out, w)
+    return acc.to(dtype)
 
-    ``acc_out`` float32 ``[B, S, H, D]``, ``out`` any float dtype; both lse float32 ``[B, H, S]``
-    and finite (callers never merge an empty partial into the accumulator)."""
-    new_lse = torch.logaddexp(acc_lse, lse)
-    w_acc = torch.exp(acc_lse - new_lse).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
-    w_blk = torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1)
-    acc_out.mul_(w_acc).addcmul_(out, w_blk)
-    acc_lse.copy_(new_lse)
+
+# One fused kernel on CUDA: the eager version makes ~2 passes over a float32 accumulator per block
+# (5 ms of 86 for four 720p ring blocks on an H200); fused, it reads each block once.
+_merge_blocks_fused = None
+
+
+def merge_blocks(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Merge partials over disjoint key sets: ``outs`` ``[B, S, H, D]`` (any float dtype),
+    ``lses`` float32 ``[B, H, S]``, all finite. Returns ``[B, S, H, D]`` in ``dtype``; the
+    weights and sum are float32 whatever the inputs. Compiled into one kernel on CUDA (when
+    torch.compile works there; eager otherwise, e.g. on the CPU)."""
+    global _merge_blocks_fused
+    if len(outs) == 1:
+        return outs[0].to(dtype)
+    if outs[0].device.type == "cuda":
+        if _merge_blocks_fused is None:
+            try:
+                _merge_blocks_fused = torch.compile(_merge_blocks_eager, fullgraph=True, dynamic=False)
+            except Exception:  # noqa: BLE001 - no compiler here: eager is correct, only slower
+                _merge_blocks_fused = _merge_blocks_eager
+        return _merge_blocks_fused(outs, lses, dtype)
+    return _merge_blocks_eager(outs, lses, dtype)
 
 
 def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .comm import RingPass, all_gather_stacked
 from .kernels import Kernel
-from .local import TextKV, empty_partial, attend, merge_into, merge_stacked
+from .local import TextKV, attend, empty_partial, merge_blocks, merge_stacked
 
 
 def fold_attention(
@@ -53,14 +53,15 @@ def ring_attention(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Ring over ``size`` ranks: at step ``t`` this rank holds the K/V of ring chunk
     ``(rank - t) % size`` while the next chunk is already in flight (P2P overlapped with the
-    kernel). Image partials are merged in float32 by log-sum-exp.
+    kernel). Image partials are kept (one ``[B, S, h, D]`` per step) and merged once at the end,
+    in float32 by log-sum-exp (:func:`parallel.local.merge_blocks`).
 
     Text keys are attended once (step 0, with this rank's own chunk). Text queries see only this
     rank's own image chunk here, plus the text keys on ring rank 0 only, so that the partials of
     the ring ranks cover every key exactly once; :func:`merge_text_over_ring` combines them.
     Returns (image out [B, S, h, D] in q.dtype, text partial (out, lse) or None)."""
     passer = RingPass(group, size, rank)
-    acc_out = acc_lse = None
+    outs, lses = [], []  # this rank's partial per ring step, merged once at the end
     txt_partial = None
     cur = kv.contiguous()  # P2P needs it; a no-op for the all-to-all's output in practice
     for step in range(size):
@@ -69,17 +70,14 @@ def ring_attention(
         k, v = cur[0][:, :n], cur[1][:, :n]
         block = attend(q, k, v, kernel, scale, text if step == 0 else None)
         if block is not None:
-            if acc_out is None:
-                # The kernel's outputs are fresh tensors: accumulate into them in place.
-                acc_out, acc_lse = block[0].float(), block[1]
-            else:
-                merge_into(acc_out, acc_lse, *block)
+            outs.append(block[0])
+            lses.append(block[1])
         if step == 0 and txt_q is not None:
             txt_partial = attend(txt_q, k, v, kernel, scale, text if rank == 0 else None) or empty_partial(txt_q)
         if nxt is not None:
             passer.wait()
             cur = nxt
-    return acc_out.to(q.dtype), txt_partial
+    return merge_blocks(outs, lses, q.dtype), txt_partial
 
 
 def merge_text_over_ring(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from parallel import kernels
 from parallel.kernels import KERNELS, math_attention, probe_kernel, select_kernel
-from parallel.local import TextKV, attend, local_joint_attention, merge_into, merge_stacked
+from parallel.local import TextKV, attend, local_joint_attention, merge_blocks, merge_stacked
 
 
 def rand(*shape, seed=0, dtype=torch.float32, device="cpu"):
@@ -60,13 +60,12 @@ def test_math_kernel_key_mask_blocks_and_empty_rows(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merging_disjoint_key_blocks_is_exact(dtype):
     q, k, v = rand(1, 5, 2, 8, seed=7, dtype=dtype), rand(1, 12, 2, 8, seed=8, dtype=dtype), rand(1, 12, 2, 8, seed=9, dtype=dtype)
-    full, full_lse = math_attention(q, k, v, 0.3)
+    full, _ = math_attention(q, k, v, 0.3)
     parts = [math_attention(q, k[:, a:b], v[:, a:b], 0.3) for a, b in ((0, 4), (4, 5), (5, 12))]
-    acc, acc_lse = parts[0][0].float().clone(), parts[0][1].clone()
-    for out, lse in parts[1:]:
-        merge_into(acc, acc_lse, out, lse)
+    merged = merge_blocks([p[0] for p in parts], [p[1] for p in parts], torch.float32)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert rel(acc, full) < tol and (acc_lse - full_lse).abs().max() < 1e-5
+    assert merged.dtype == torch.float32 and rel(merged, full) < tol
+    assert merge_blocks([parts[0][0]], [parts[0][1]], dtype).dtype == dtype
     # the stacked merge (token-major lse), with an empty partial that must weigh nothing
     outs = torch.stack([p[0].float() for p in parts] + [torch.full_like(parts[0][0].float(), 7.0)])
     lses = torch.stack([p[1].transpose(1, 2) for p in parts] + [torch.full_like(parts[0][1].transpose(1, 2), float("-inf"))])
@@ -134,3 +133,19 @@ def test_gpu_kernel_output_and_lse_convention(name, dtype):
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (2, 4, 300)
     assert rel(out.float(), ref.float()) < 1e-2
     assert (lse - ref_lse).abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_fused_merge_equals_the_eager_merge():
+    """The compiled one-kernel merge of ring blocks computes what the eager float32 merge does."""
+    from parallel.local import _merge_blocks_eager
+
+    dev = torch.device("cuda")
+    q = rand(1, 700, 4, 128, seed=1, dtype=torch.bfloat16, device=dev)
+    parts = [KERNELS["cudnn"](q, rand(1, 300, 4, 128, seed=s, dtype=torch.bfloat16, device=dev),
+                              rand(1, 300, 4, 128, seed=s + 10, dtype=torch.bfloat16, device=dev), 1 / math.sqrt(128))
+             for s in range(2, 6)]
+    outs, lses = [p[0] for p in parts], [p[1] for p in parts]
+    fused = merge_blocks(outs, lses, torch.bfloat16)
+    eager = _merge_blocks_eager(outs, lses, torch.bfloat16)
+    assert fused.dtype == torch.bfloat16 and rel(fused.float(), eager.float()) < 4e-3
