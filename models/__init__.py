@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fp8
+from . import fp8, fp8_checkpoint
 from .hunyuan_video import PRESETS, HunyuanVideoConfig, HunyuanVideoDiT, get_preset
 from .hunyuan_video.checkpoint import diffusers_to_official, is_diffusers_layout
 from .weights import (
@@ -60,7 +60,7 @@ def load_weights(
     """Load the release's pickle (`module`/`ema`), safetensors, or the diffusers layout into
     `model`, strictly: missing, unexpected or mis-shaped keys raise CheckpointError naming them.
 
-    FP8 (see models/fp8.py): a model with Float8Linear modules (`fp8.quantize_model`) takes the
+    FP8 (see models/fp8.py, models/fp8_checkpoint.py): a model with Float8Linear modules (`fp8.quantize_model`) takes the
     release's fp8 file with its scale map (preferred in a model directory unless `prefer_fp8` is
     False) or quantises a bf16 checkpoint while reading it, on `quantize_device` (default CPU);
     a plain model given the fp8 file gets the weights dequantised to its dtype."""
@@ -71,7 +71,7 @@ def load_weights(
     if is_diffusers_layout(sd):
         sd = diffusers_to_official(sd)
     source = files[0] if len(files) == 1 else f"{path} ({len(files)} files)"
-    sd = fp8.prepare_state_dict(model, sd, files, device=quantize_device)
+    sd = fp8_checkpoint.prepare_state_dict(model, sd, files, device=quantize_device)
     check_state_dict(model, sd, source, target=f"the {model.config.name} DiT")
     assign_state_dict(model, sd)
     return model

@@ -12,6 +12,7 @@ from tiny_checkpoints import write_release_fp8_dit
 
 import models
 from models import CheckpointError, fp8
+from models.fp8_checkpoint import quantize_state_dict
 from models.fp8 import FP8, Float8Linear
 from models.sampling import TextConditioning, denoise_tokens
 from models.scheduler import FlowMatchEuler
@@ -263,7 +264,7 @@ def test_quantized_state_dict_round_trip(tmp_path):
 
 def test_quantize_state_dict_keeps_other_tensors_as_they_are():
     sd = models.build_model("tiny").state_dict()
-    out = fp8.quantize_state_dict(sd, ["single_blocks.0.linear1", "no.such.module"])
+    out = quantize_state_dict(sd, ["single_blocks.0.linear1", "no.such.module"])
     assert out["single_blocks.0.linear1.weight"].dtype == FP8 and out["single_blocks.0.linear1.scale"].shape == (3 * 128 + 512,)
     assert out["single_blocks.0.linear2.weight"] is sd["single_blocks.0.linear2.weight"]
 
