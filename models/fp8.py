@@ -36,6 +36,7 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 MODES = ("storage", "matmul")
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+MIN_MATMUL_ROWS = 16  # fewer rows (tokens) than this compute in storage mode even in "matmul"
 # Capability of torch._scaled_mm per device ("cuda:0", "cpu"), probed once: a fact of the
 # machine, not of a model, so one cache for the process is right.
 _SCALED_MM_OK: dict[str, bool] = {}
@@ -194,6 +195,11 @@ class Float8Linear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def _matmul_ok(self, x: torch.Tensor) -> bool:
+        # A handful of rows (the modulation linears see one per batch item) is bound by the
+        # weight's bytes, where dequantising costs as little; it also keeps tiny-M shapes away
+        # from the fp8 GEMM kernels.
+        if x.numel() < MIN_MATMUL_ROWS * self.in_features:
+            return False
         # cuBLASLt fp8 GEMMs need the leading dimensions of both operands to be multiples of 16.
         if self.in_features % 16 or self.out_features % 16:
             _warn_once(f"Float8Linear {self.in_features}->{self.out_features}: fp8 matmul needs in/out "

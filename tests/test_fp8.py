@@ -339,3 +339,18 @@ def test_weight_bytes_of_fp8_blocks():
     assert quant["other"] == plain["other"]
     for kind in ("double_block", "single_block"):
         assert 0.5 < quant[kind] / plain[kind] < 0.51  # 1 byte/weight + per-row scales and biases
+
+
+def test_matmul_mode_uses_storage_for_a_few_rows():
+    """The modulation linears see one row per batch item: dequantising is as cheap there."""
+    q = Float8Linear.from_linear(torch.nn.Linear(64, 32).bfloat16(), mode="matmul")
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert torch.equal(q(x), torch.nn.functional.linear(x, q.dequantized_weight(torch.bfloat16), q.bias))
+
+
+def test_our_fp8_state_dict_into_a_plain_model_is_dequantised(tmp_path):
+    quant = fp8.quantize_model(models.build_model("tiny", seed=8))
+    torch.save(quant.state_dict(), tmp_path / "w.pt")
+    plain = models.load_weights(models.build_model("tiny", device="meta"), tmp_path / "w.pt")
+    assert torch.equal(plain.single_blocks[1].linear2.weight, quant.single_blocks[1].linear2.dequantized_weight(torch.float32))
+    assert torch.equal(_forward(plain), _forward(quant))
