@@ -60,10 +60,11 @@ def load_weights(
     """Load the release's pickle (`module`/`ema`), safetensors, or the diffusers layout into
     `model`, strictly: missing, unexpected or mis-shaped keys raise CheckpointError naming them.
 
-    FP8 (see models/fp8.py, models/fp8_checkpoint.py): a model with Float8Linear modules (`fp8.quantize_model`) takes the
-    release's fp8 file with its scale map (preferred in a model directory unless `prefer_fp8` is
-    False) or quantises a bf16 checkpoint while reading it, on `quantize_device` (default CPU);
-    a plain model given the fp8 file gets the weights dequantised to its dtype."""
+    FP8 (models/fp8.py, models/fp8_checkpoint.py): a model with Float8Linear modules (from
+    `fp8.quantize_model`) takes the release's fp8 file with its scale map (preferred in a model
+    directory unless `prefer_fp8` is False) or quantises a bf16 checkpoint while reading it, one
+    tensor at a time on `quantize_device` (default: the CPU); a plain model given an fp8 file gets
+    the weights dequantised to its dtype."""
     if prefer_fp8 is None:
         prefer_fp8 = bool(fp8.float8_modules(model))
     files = resolve_checkpoint(path, prefer_fp8=prefer_fp8)

@@ -149,7 +149,7 @@ def check_state_dict(
 
 def _float8_mismatches(model: nn.Module, sd: StateDict, show: int) -> list[str]:
     """A float8 tensor must land on a float8 tensor and vice versa: a plain cast either way would
-    load silently wrong values (fp8 needs its scale; `models.fp8.prepare_state_dict` handles both)."""
+    load silently wrong values (fp8 needs its scale; `models.fp8_checkpoint.prepare_state_dict` handles both)."""
     fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
     bad = [
         f"{k} {v.dtype} for {p.dtype}"
