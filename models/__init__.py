@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fp8, fp8_checkpoint
 from .hunyuan_video import PRESETS, HunyuanVideoConfig, HunyuanVideoDiT, get_preset
 from .hunyuan_video.checkpoint import diffusers_to_official, is_diffusers_layout
 from .weights import (
@@ -49,14 +50,29 @@ def build_model(
     return model.eval().requires_grad_(False)
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    prefer_fp8: bool | None = None,
+    quantize_device: str | torch.device | None = None,
+) -> nn.Module:
     """Load the release's pickle (`module`/`ema`), safetensors, or the diffusers layout into
-    `model`, strictly: missing, unexpected or mis-shaped keys raise CheckpointError naming them."""
-    files = resolve_checkpoint(path)
+    `model`, strictly: missing, unexpected or mis-shaped keys raise CheckpointError naming them.
+
+    FP8 (models/fp8.py, models/fp8_checkpoint.py): a model with Float8Linear modules (from
+    `fp8.quantize_model`) takes the release's fp8 file with its scale map (preferred in a model
+    directory unless `prefer_fp8` is False) or quantises a bf16 checkpoint while reading it, one
+    tensor at a time on `quantize_device` (default: the CPU); a plain model given an fp8 file gets
+    the weights dequantised to its dtype."""
+    if prefer_fp8 is None:
+        prefer_fp8 = bool(fp8.float8_modules(model))
+    files = resolve_checkpoint(path, prefer_fp8=prefer_fp8)
     sd = read_files(files)
     if is_diffusers_layout(sd):
         sd = diffusers_to_official(sd)
     source = files[0] if len(files) == 1 else f"{path} ({len(files)} files)"
+    sd = fp8_checkpoint.prepare_state_dict(model, sd, files, device=quantize_device)
     check_state_dict(model, sd, source, target=f"the {model.config.name} DiT")
     assign_state_dict(model, sd)
     return model

@@ -17,13 +17,17 @@ StateDict = dict[str, torch.Tensor]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
-# Where the release and diffusers put the DiT inside a model directory, in search order.
-_DIR_CANDIDATES = (
-    "transformers/mp_rank_00_model_states.pt",
-    "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt",
-    "mp_rank_00_model_states.pt",
-    "transformer",
-)
+# Where the release and diffusers put the DiT inside a model directory, in search order; the
+# release's fp8 file (`..._fp8.pt`, its scales in `..._fp8_map.pt`) comes first when fp8 is wanted.
+_RELEASE_DIRS = ("transformers/", "hunyuan-video-t2v-720p/transformers/", "")
+_RELEASE_NAMES = ("mp_rank_00_model_states.pt", "mp_rank_00_model_states_fp8.pt")
+
+
+def _dir_candidates(prefer_fp8: bool = False) -> list[str]:
+    names = _RELEASE_NAMES[::-1] if prefer_fp8 else _RELEASE_NAMES
+    return [d + n for n in names for d in _RELEASE_DIRS] + ["transformer"]
+
+
 _WRAPPER_KEYS = ("module", "ema", "state_dict", "model")
 
 
@@ -31,9 +35,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the model."""
 
 
-def resolve_checkpoint(path: str | Path) -> list[Path]:
+def resolve_checkpoint(path: str | Path, *, prefer_fp8: bool = False) -> list[Path]:
     """The weight files behind `path`: a file, a diffusers folder (sharded safetensors with an
-    index), or a model directory laid out like the release (`transformers/mp_rank_00_...pt`)."""
+    index), or a model directory laid out like the release (`transformers/mp_rank_00_...pt`,
+    the `_fp8.pt` variant first if `prefer_fp8`, else as a fallback)."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -46,12 +51,12 @@ def resolve_checkpoint(path: str | Path) -> list[Path]:
     files = sorted(path.glob("*" + SAFETENSORS_SUFFIX))
     if files:
         return files
-    for rel in _DIR_CANDIDATES:
+    for rel in _dir_candidates(prefer_fp8):
         if (path / rel).exists():
-            return resolve_checkpoint(path / rel)
+            return resolve_checkpoint(path / rel, prefer_fp8=prefer_fp8)
     raise CheckpointError(
         f"no DiT weights found in {path}: expected *.safetensors, a safetensors index, or one of "
-        + ", ".join(_DIR_CANDIDATES)
+        + ", ".join(_dir_candidates())
     )
 
 
@@ -136,11 +141,24 @@ def check_state_dict(
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
         if keys
     ]
-    fp8 = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
-    if fp8 and not problems:
-        problems.append(f"{len(fp8)} float8 tensors need their scale map, which this loader does not read ({fp8[0]}, ...)")
+    if not problems:
+        problems = _float8_mismatches(model, sd, show)
     if problems:
         raise error(f"{source}: does not match {target}: " + "; ".join(problems))
+
+
+def _float8_mismatches(model: nn.Module, sd: StateDict, show: int) -> list[str]:
+    """A float8 tensor must land on a float8 tensor and vice versa: a plain cast either way would
+    load silently wrong values (fp8 needs its scale; `models.fp8_checkpoint.prepare_state_dict` handles both)."""
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    bad = [
+        f"{k} {v.dtype} for {p.dtype}"
+        for k, p in model.state_dict().items()
+        if (v := sd[k]).dtype != p.dtype and (v.dtype in fp8 or p.dtype in fp8)
+    ]
+    if not bad:
+        return []
+    return [f"{len(bad)} float8 tensors without their scales or unquantised ({', '.join(bad[:show])}{', ...' if len(bad) > show else ''})"]
 
 
 @torch.no_grad()
