@@ -63,10 +63,11 @@ EOF
 }
 
 start_munge() {
-  dd if=/dev/urandom of="$DIR/munge.key" bs=1024 count=1 status=none
-  chmod 0400 "$DIR/munge.key"
-  munged --force --key-file="$DIR/munge.key" --socket="$DIR/munge.socket" \
-    --pid-file="$DIR/munged.pid" --log-file="$DIR/munged.log" --seed-file="$DIR/munged.seed"
+  rm -f "$DIR/munge.key"
+  dd if=/dev/urandom of="$DIR/munge.key" bs=1024 count=1 status=none &&
+    chmod 0400 "$DIR/munge.key" &&
+    munged --force --key-file="$DIR/munge.key" --socket="$DIR/munge.socket" \
+      --pid-file="$DIR/munged.pid" --log-file="$DIR/munged.log" --seed-file="$DIR/munged.seed"
 }
 
 wait_idle() {
@@ -86,10 +87,12 @@ start() {
   chmod 0700 "$DIR"
   write_conf
   export SLURM_CONF=$DIR/slurm.conf
-  start_munge
-  slurmctld -f "$SLURM_CONF"
-  slurmd -f "$SLURM_CONF"
-  if ! wait_idle; then stop; exit 1; fi
+  # Whatever fails, stop what did start: no daemon is left behind by a failed start.
+  if ! { start_munge && slurmctld -f "$SLURM_CONF" && slurmd -f "$SLURM_CONF" && wait_idle; }; then
+    echo "local_cluster.sh: the cluster did not start; logs in $DIR" >&2
+    stop
+    exit 1
+  fi
   echo "export SLURM_CONF=$SLURM_CONF"
 }
 
