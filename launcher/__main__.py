@@ -10,6 +10,7 @@ from models.weights import CheckpointError
 
 from .config import ConfigError
 from .pipeline import NonFiniteLatents
+from .slurm_env import apply_slurm_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +20,14 @@ def main(argv: list[str] | None = None) -> int:
             from .plan import run_plan
 
             return run_plan(args)
+        if args.command == "slurm":
+            from .slurm import run_slurm
+
+            return run_slurm(args)
         if args.command == "generate":
             from .job import run_generate
+
+            apply_slurm_env()  # `srun python -m launcher generate` without torchrun
 
             cfg = run_config_from_args(args)
             for out in run_generate(cfg):

@@ -107,4 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_args(sub.add_parser("generate", help="text-to-video generation (one process or torchrun)"))
     add_plan_args(sub.add_parser("plan", help="topologies, tokens per rank and memory per rank, without GPUs"))
+    from .slurm import add_slurm_args  # here: launcher.slurm imports this module
+
+    add_slurm_args(sub.add_parser("slurm", allow_abbrev=False,
+                                  help="a validated sbatch file for a multi-node generate (--submit: sbatch it)"))
     return parser

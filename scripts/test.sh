@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 scripts/setup_env.sh
+scripts/setup_slurm.sh  # the one-machine Slurm cluster test; never fatal
 set +e
 "$VENV/bin/python" -m pytest -q -ra "$@"
 rc=$?
