@@ -103,7 +103,7 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, list[dict[
     ph.check_model_dir(cfg)
     device, dtype = ph.resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     memory = plan_memory(cfg, dit, world, device, dtype)
-    loaded = ph.load_dit_weights(cfg, dtype)
+    loaded = ph.load_dit_weights(cfg, dtype, memory.plan.placement.fp8)
     return Job(cfg, dit, memory.topology, memory, rank, world, device, dtype), paths, loaded
 
 
@@ -176,7 +176,7 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
         _agree_after_oom(job, mesh)
         log.warning("CUDA out of memory (%s); falling back once to: %s (estimate %.1f GiB per GPU)",
                     oom, plan.label, plan.peak / 2**30)
-        loaded = ph.load_dit_weights(cfg, job.dtype)  # the first attempt consumed the loaded copy
+        loaded = ph.load_dit_weights(cfg, job.dtype, plan.placement.fp8)  # the first attempt consumed it
         result = _denoise_all(job, plan, loaded, conds, mesh, timer)
     latents, step_s, peaks, host = result
     written = []

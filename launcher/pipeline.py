@@ -101,12 +101,19 @@ def stream_llm(encoder, device):
                         structure=lambda name, m: m.to("meta"))
 
 
-def load_dit_weights(cfg: RunConfig, dtype) -> torch.nn.Module | None:
+def load_dit_weights(cfg: RunConfig, dtype, fp8: str = "off") -> torch.nn.Module | None:
     """The DiT on the meta device with the checkpoint's tensors (memory-mapped) assigned, or
-    None without --model-dir. Strict: a bad checkpoint raises here, before any collective."""
+    None without --model-dir. Strict: a bad checkpoint raises here, before any collective.
+    With ``fp8`` (storage / matmul) the block linears are float8: the release's fp8 file and
+    its scale map when the folder has them, else the bf16 checkpoint quantised while read."""
     if cfg.model_dir is None:
         return None
-    return models.load_weights(models.build_model(cfg.preset, device="meta", dtype=dtype), cfg.model_dir)
+    model = models.build_model(cfg.preset, device="meta", dtype=dtype)
+    if fp8 != "off":
+        from models.fp8 import quantize_model
+
+        quantize_model(model, mode=fp8)
+    return models.load_weights(model, cfg.model_dir)
 
 
 def dit_blocks(model) -> list[tuple[str, torch.nn.Module]]:

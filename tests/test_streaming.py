@@ -209,3 +209,45 @@ def _tiny_shape(dit):
 
     return JobShape(preset="tiny", dit=dit, height=64, width=96, frames=9, dtype="fp32", world=1, dp=1,
                     cfg_degree=1, ulysses=1, ring=1, text_llm=False)
+
+
+def test_fp8_blocks_stream_like_any_other():
+    """FP8 storage with every block streamed computes exactly what FP8 resident does, and stays
+    within FP8's error of the plain model (tolerance as tests/test_fp8.py states for the DiT)."""
+    cfg = RunConfig(preset="tiny", model_dir=None, prompts=("x",), height=64, width=96, frames=9, steps=1,
+                    seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."))
+    cpu = torch.device("cpu")
+    plain, _ = build_dit(cfg, None, cpu, torch.float32, Placement())
+    resident, _ = build_dit(cfg, None, cpu, torch.float32, Placement(fp8="storage"))
+    streamed, placed = build_dit(cfg, None, cpu, torch.float32, Placement(fp8="storage", streamed=4))
+    c = plain.config
+    grid = c.token_grid(64, 96, 9)
+    gen = torch.Generator().manual_seed(3)
+    img = torch.randn(1, grid[0] * grid[1] * grid[2], c.in_channels * 4, generator=gen)
+    args = (img, *plain.rope(grid), torch.randn(1, 5, c.text_states_dim, generator=gen), torch.ones(1, 5),
+            torch.tensor([700.0]), torch.randn(1, c.pooled_dim, generator=gen), torch.tensor([6000.0]))
+    try:
+        with torch.no_grad():
+            want, fp8 = plain(*args), resident(*args)
+            assert torch.equal(streamed(*args), fp8)
+        assert type(streamed.double_blocks[0].img_attn_qkv).__name__ == "Float8Linear"
+        assert ((fp8 - want).norm() / want.norm()).item() < 8e-2
+    finally:
+        placed.close()
+
+
+def test_generate_fp8_from_a_release_model_dir(tmp_path):
+    """--fp8 storage quantises the release's bf16 checkpoint while loading it; the run finishes
+    and its latents stay near the bf16 run's."""
+    from tiny_checkpoints import write_release_ckpts
+
+    ckpts = tmp_path / "ckpts"
+    write_release_ckpts(ckpts)
+    runs = {}
+    for name, extra in (("bf16", ()), ("fp8", ("--fp8", "storage", "--stream-blocks", "2"))):
+        out = tmp_path / name
+        proc = run_launcher(out, *PROMPT, "--model-dir", str(ckpts), *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = _latents(out)
+    rel = ((runs["fp8"] - runs["bf16"]).norm() / runs["bf16"].norm()).item()
+    assert 0 < rel < 5e-2, rel
