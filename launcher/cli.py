@@ -43,6 +43,22 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--timeout", type=float, default=600.0, dest="timeout_s",
                      help="seconds any collective may wait before the job fails")
     par.add_argument("--log-all-ranks", action="store_true", help="every rank logs, prefixed with its rank")
+    add_benchmarking_args(p)
+
+
+def add_benchmarking_args(p: argparse.ArgumentParser) -> None:
+    from parallel.backends import BACKENDS
+
+    bench = p.add_argument_group("benchmarking")
+    bench.add_argument("--topology", type=Path, dest="topology_file",
+                       help="topology YAML to resolve degrees with, instead of configs/topology/ (e.g. a sweep's "
+                            "topology.yaml)")
+    bench.add_argument("--attention", default="native", choices=BACKENDS,
+                       help="sequence-parallel attention: native (ours), xfuser (as the HunyuanVideo release runs it: "
+                            "flash-attn, else torch's flash kernel), xfuser-cudnn (xfuser with torch's cuDNN at ring 1), "
+                            "yunchang (USP); see parallel/backends.py")
+    bench.add_argument("--no-video", action="store_true",
+                       help="skip the VAE: write the latents (.safetensors) and the JSON record only")
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -84,6 +100,9 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         dp=args.dp,
         timeout_s=args.timeout_s,
         log_all_ranks=args.log_all_ranks,
+        topology_file=args.topology_file,
+        attention=args.attention,
+        no_video=args.no_video,
     )
 
 

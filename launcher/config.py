@@ -66,6 +66,10 @@ class RunConfig:
     dp: int = 1
     timeout_s: float = 600.0
     log_all_ranks: bool = False
+    # Benchmarking: another topology table, the SP attention backend, no VAE decode.
+    topology_file: Path | None = None
+    attention: str = "native"
+    no_video: bool = False
 
     @property
     def uses_cfg(self) -> bool:
@@ -134,6 +138,19 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--dp {cfg.dp} / --timeout {cfg.timeout_s}: must be positive")
     if cfg.model_dir is not None and not cfg.model_dir.is_dir():
         raise ConfigError(f"--model-dir {cfg.model_dir}: no such directory")
+    _validate_benchmarking(cfg)
+
+
+def _validate_benchmarking(cfg: RunConfig) -> None:
+    """The benchmarking flags' own checks (the backend's limits need the topology: job.py)."""
+    from parallel.backends import BACKENDS
+
+    if cfg.topology_file is not None and not cfg.topology_file.is_file():
+        raise ConfigError(f"--topology {cfg.topology_file}: no such file")
+    if cfg.attention not in BACKENDS:
+        raise ConfigError(f"--attention {cfg.attention!r}; valid: {', '.join(BACKENDS)}")
+    if cfg.no_video and cfg.save_grid:
+        raise ConfigError("--save-grid needs the decoded video; it cannot go with --no-video")
 
 
 def read_prompts_file(path: Path) -> tuple[str, ...]:

@@ -35,7 +35,8 @@ from parallel.parallelize import (
     gather_objects,
     parallelize,
 )
-from parallel.topology import ResolvedTopology, TopologyError
+from parallel.backends import AttentionChoice, backend_problem, text_problem
+from parallel.topology import ResolvedTopology, TopologyError, default_table_path
 
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
@@ -56,6 +57,7 @@ class Job:
     world: int
     device: torch.device
     dtype: torch.dtype
+    attention: AttentionChoice | None = None  # set once the model has its attention
 
 
 def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
@@ -67,11 +69,11 @@ def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
 def choose_topology(cfg: RunConfig, dit: HunyuanVideoConfig, world: int) -> ResolvedTopology:
     """Degrees for this job: explicit flags, else the model's topology table, else the rule
     (the same choice `plan` shows)."""
-    table = topology_table(dit)
     cfg_degree = cfg.cfg_degree
     if cfg_degree is None:  # CFG in parallel when it is on and the ranks split evenly
         cfg_degree = 2 if cfg.uses_cfg and world % (2 * cfg.dp) == 0 else 1
     try:
+        table = topology_table(dit, cfg.topology_file)
         return table.resolve(
             height=cfg.height, width=cfg.width, frames=cfg.frames, world_size=world,
             cfg=cfg_degree, dp=cfg.dp, ulysses=cfg.ulysses, ring=cfg.ring,
@@ -90,8 +92,22 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, list[dict[
     paths = [ph.output_paths(cfg, i) for i in range(len(cfg.prompts))] if cfg.seed is not None else None
     ph.check_model_dir(cfg)
     device, dtype = ph.resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    check_attention(cfg, dit, topology, device)
     loaded = ph.load_dit_weights(cfg, dtype)
     return Job(cfg, dit, topology, rank, world, device, dtype), paths, loaded
+
+
+def check_attention(cfg: RunConfig, dit: HunyuanVideoConfig, topology: ResolvedTopology, device) -> None:
+    """The --attention backend's limits (CUDA, package, SP size, even tokens), on every rank."""
+    num_tokens = math.prod(dit.token_grid(cfg.height, cfg.width, cfg.frames))
+    problem = backend_problem(cfg.attention, device_type=device.type, sp_size=topology.topology.sp,
+                              num_tokens=num_tokens)
+    if problem is not None:
+        raise ConfigError(f"--attention {cfg.attention}: {problem}")
+
+
+def table_path(cfg: RunConfig) -> str:
+    return str(cfg.topology_file) if cfg.topology_file is not None else default_table_path("hunyuan_video")
 
 
 def run_generate(cfg: RunConfig) -> list[Path]:
@@ -100,8 +116,9 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     setup_logging(rank, world, cfg.log_all_ranks)
     job, paths, loaded = validate_job(cfg, rank, world)
     topo = job.topology
+    source = f"table {table_path(cfg)}" if topo.source == "table" else topo.source
     log.info("topology %s (%s): dp %d, cfg %d, ring %d, ulysses %d on %d rank(s)",
-             topo.topology.sp_label, topo.source, topo.topology.dp, topo.topology.cfg,
+             topo.topology.sp_label, source, topo.topology.dp, topo.topology.cfg,
              topo.topology.ring, topo.topology.ulysses, job.world)
     mesh = None
     try:
@@ -133,10 +150,16 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
         conds = ph.encode_prompts(cfg, dit, job.device, job.dtype) if job.rank == 0 else None
         if mesh is not None:
             conds = broadcast_object(conds)
+    problem = text_problem(cfg.attention, [int(c.mask.sum()) for c in conds], job.topology.topology.sp)
+    if problem is not None:  # every rank holds the same conds: all raise alike, before any attention
+        raise ConfigError(f"--attention {cfg.attention}: {problem}")
     with timer.phase("load_dit"):
         model = ph.materialise_dit(cfg, loaded, job.device, job.dtype)
     grid = dit.token_grid(cfg.height, cfg.width, cfg.frames)
-    shard = parallelize(model, mesh, num_tokens=math.prod(grid))
+    shard = parallelize(model, mesh, num_tokens=math.prod(grid), backend=cfg.attention)
+    job = dataclasses.replace(job, attention=shard.attention)
+    log.info("attention: %s, kernel %s%s", shard.attention.backend, shard.attention.kernel,
+             f" ({shard.attention.note})" if shard.attention.note else "")
     cos, sin = model.rope(grid)
     rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
     dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
@@ -202,17 +225,21 @@ def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks
     written = []
     if not latents:
         return written
-    with timer.phase("load_vae"):
-        vae = ph.load_vae_for(cfg, job.dit, job.device)
+    if not cfg.no_video:
+        with timer.phase("load_vae"):
+            vae = ph.load_vae_for(cfg, job.dit, job.device)
     for i, lat in latents.items():
-        with timer.phase("vae_decode"):
-            video = ph.decode(vae, lat, cfg.vae_tiling)
+        video = None
+        if not cfg.no_video:
+            with timer.phase("vae_decode"):
+                video = ph.decode(vae, lat, cfg.vae_tiling)
         with timer.phase("write"):
             ph.write_outputs(cfg, paths[i], video, lat)
         write_json_atomic(record(job, i, timer, step_s[i], peaks, paths[i]), paths[i]["record"],
                           overwrite=cfg.overwrite)
-        log.info("wrote %s", paths[i]["video"])
-        written.append(paths[i]["video"])
+        main = paths[i]["latents" if cfg.no_video else "video"]
+        log.info("wrote %s", main)
+        written.append(main)
     return written
 
 
@@ -235,12 +262,14 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "device": str(job.device),
         "topology": {"world_size": job.world, "dp": topo.dp, "cfg": topo.cfg, "ring": topo.ring,
                      "ulysses": topo.ulysses, "source": job.topology.source},
+        "topology_table": table_path(cfg),
+        "attention": job.attention.as_dict() if job.attention is not None else None,
         "timings_s": {**timer.seconds, "denoise_this_video": sum(step_s)},
         "step_s": step_s,
         "peak_memory": peak_memory(job.device),
         "peak_memory_per_rank": peaks,
         "versions": versions(),
-        "outputs": {k: str(v) for k, v in paths.items()},
+        "outputs": {"video": None, **{k: str(v) for k, v in paths.items()}},  # video None: --no-video
         "command": command_line(),
         "finished": now_iso(),
     }
