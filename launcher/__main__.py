@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
             from .plan import run_plan
 
             return run_plan(args)
+        if args.command == "sweep":
+            from .sweep import run_sweep
+
+            return run_sweep(args)
         if args.command == "generate":
             from .job import run_generate
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
 from .plan import add_plan_args
+from .sweep import add_sweep_args
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -111,4 +112,5 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_args(sub.add_parser("generate", help="text-to-video generation (one process or torchrun)"))
     add_plan_args(sub.add_parser("plan", help="topologies, tokens per rank and memory per rank, without GPUs"))
+    add_sweep_args(sub.add_parser("sweep", help="time generate over sizes, GPU counts, topologies and attention backends"))
     return parser

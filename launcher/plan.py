@@ -138,9 +138,14 @@ def topology_table(dit: HunyuanVideoConfig, path: str | os.PathLike | None = Non
     ``path`` (``--topology``): that file, validated the same way; its heads must be the preset's.
     Raises TopologyError naming the file."""
     if path is not None:
-        table = load_topology_table(path)
+        try:
+            table = load_topology_table(path)
+        except TopologyError as err:
+            raise TopologyError(f"--topology {err}") from None
         if table.heads != dit.num_heads:
-            raise TopologyError(f"{table.path}: a table for {table.heads} heads; preset {dit.name} has {dit.num_heads}")
+            raise TopologyError(
+                f"--topology {table.path}: a table for {table.heads} heads; preset {dit.name} has {dit.num_heads}"
+            )
         return table
     table = load_topology_table(default_table_path("hunyuan_video"))
     if table.heads != dit.num_heads:
