@@ -90,7 +90,7 @@ def run_row(r, spec, timed_out: bool) -> dict:
         if (row.pop("_ulysses"), row.pop("_ring")) != (r.config.ulysses, r.config.ring):
             row.update(status="failed", error="the run's topology differs from the configuration's")
     if row["status"] != "ok":
-        row["log_tail"] = log[-2000:]
+        row["log_tail"] = log[-4000:]
     return row
 
 
