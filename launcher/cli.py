@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
 from .plan import add_plan_args
-from .sweep import add_sweep_args
+from .sweep_spec import add_sweep_args
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:

@@ -11,14 +11,14 @@
 #   scripts/gpu_sweep.sh 720x1280x129 --gpus 1,2   # or split one size in two calls ...
 #   scripts/gpu_sweep.sh 720x1280x129 --gpus 4     # ... and merge: sweep --report-from A/runs.jsonl B/runs.jsonl
 # SIZES defaults to both sizes (too long for one 10-minute call). Env: KIND (machine name for the
-# rows, default nvidia-h200-x4), LIMIT (seconds this script may take, default 570: the sweep
+# rows, default nvidia-h200-x4), LIMIT (seconds this script may take, default 560: the sweep
 # stops starting and kills runs before it, then still writes its report).
 # Results: $OUT/sweep_<sizes>/ (runs.jsonl, table.md, step_time.png, efficiency.png when
 # matplotlib is installed, topology.yaml, runs/*/log.txt) and $OUT/sweep.jsonl (measured rows).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 KIND=${KIND:-nvidia-h200-x4}
-LIMIT=${LIMIT:-570}
+LIMIT=${LIMIT:-560}
 OUT=${OUT:-outputs}
 SIZES=720x1280x129,544x960x129
 mkdir -p "$OUT"

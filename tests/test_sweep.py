@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from launcher.cli import build_parser
-from launcher.sweep import SweepError, enumerate_configs, spec_from_args
+from launcher.sweep_spec import SweepError, enumerate_configs, spec_from_args
 from launcher.sweep_report import format_table, topology_yaml, with_efficiency
 from parallel.topology import load_topology_table
 
