@@ -18,8 +18,8 @@ Order: the largest GPU count first, then the 1-GPU baselines, then the rest, so 
 (the whole sweep's seconds) cuts the least important runs.
 
 Input and configurations: `launcher/sweep_spec.py`. Outputs (`launcher/sweep_report.py`):
-runs.jsonl, table.md, step_time.png, efficiency.png, topology.yaml. Exit status: 0 when every configuration ran, 1 when some failed (outputs are still
-written), 2 on bad sweep input.
+runs.jsonl, table.md, step_time.png, efficiency.png, topology.yaml. Exit status: 0 when every
+configuration ran, 1 when some failed (outputs are still written), 2 on bad sweep input.
 """
 
 from __future__ import annotations
