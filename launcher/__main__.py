@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
             from .slurm import run_slurm
 
             return run_slurm(args)
+        if args.command == "sweep":
+            from .sweep import run_sweep
+
+            return run_sweep(args)
         if args.command == "generate":
             from .job import run_generate
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from .config import PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
 from .memory_plan import parse_memory
 from .plan import add_plan_args
+from .sweep_spec import add_sweep_args
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,22 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                      "(computed in bf16), matmul (FP8 tensor cores), auto (the planner may use storage)")
     mem.add_argument("--stream-blocks", type=int, help="stream the last N DiT blocks from host memory")
     mem.add_argument("--prefetch", type=int, default=1, help="streamed blocks copied ahead of the compute")
+    add_benchmarking_args(p)
+
+
+def add_benchmarking_args(p: argparse.ArgumentParser) -> None:
+    from parallel.backends import BACKENDS
+
+    bench = p.add_argument_group("benchmarking")
+    bench.add_argument("--topology", type=Path, dest="topology_file",
+                       help="topology YAML to resolve degrees with, instead of configs/topology/ (e.g. a sweep's "
+                            "topology.yaml)")
+    bench.add_argument("--attention", default="native", choices=BACKENDS,
+                       help="sequence-parallel attention: native (ours), xfuser (as the HunyuanVideo release runs it: "
+                            "flash-attn, else torch's flash kernel), xfuser-cudnn (xfuser with torch's cuDNN at ring 1), "
+                            "yunchang (USP); see parallel/backends.py")
+    bench.add_argument("--no-video", action="store_true",
+                       help="skip the VAE: write the latents (.safetensors) and the JSON record only")
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -99,6 +116,9 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         fp8=args.fp8,
         stream_blocks=args.stream_blocks,
         prefetch=args.prefetch,
+        topology_file=args.topology_file,
+        attention=args.attention,
+        no_video=args.no_video,
     )
 
 
@@ -111,4 +131,5 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_slurm_args(sub.add_parser("slurm", allow_abbrev=False,
                                   help="a validated sbatch file for a multi-node generate (--submit: sbatch it)"))
+    add_sweep_args(sub.add_parser("sweep", help="time generate over sizes, GPU counts, topologies and attention backends"))
     return parser

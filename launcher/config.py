@@ -72,6 +72,10 @@ class RunConfig:
     fp8: str = "off"
     stream_blocks: int | None = None
     prefetch: int = 1
+    # Benchmarking: another topology table, the SP attention backend, no VAE decode.
+    topology_file: Path | None = None
+    attention: str = "native"
+    no_video: bool = False
 
     @property
     def uses_cfg(self) -> bool:
@@ -141,6 +145,19 @@ def validate(cfg: RunConfig) -> None:
     _validate_memory(cfg)
     if cfg.model_dir is not None and not cfg.model_dir.is_dir():
         raise ConfigError(f"--model-dir {cfg.model_dir}: no such directory")
+    _validate_benchmarking(cfg)
+
+
+def _validate_benchmarking(cfg: RunConfig) -> None:
+    """The benchmarking flags' own checks (the backend's limits need the topology: job.py)."""
+    from parallel.backends import BACKENDS
+
+    if cfg.topology_file is not None and not cfg.topology_file.is_file():
+        raise ConfigError(f"--topology {cfg.topology_file}: no such file")
+    if cfg.attention not in BACKENDS:
+        raise ConfigError(f"--attention {cfg.attention!r}; valid: {', '.join(BACKENDS)}")
+    if cfg.no_video and cfg.save_grid:
+        raise ConfigError("--save-grid needs the decoded video; it cannot go with --no-video")
 
 
 def _validate_memory(cfg: RunConfig) -> None:

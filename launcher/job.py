@@ -38,7 +38,8 @@ from parallel.parallelize import (
     gather_objects,
     parallelize,
 )
-from parallel.topology import ResolvedTopology, TopologyError
+from parallel.backends import AttentionChoice, backend_problem, text_problem
+from parallel.topology import ResolvedTopology, TopologyError, default_table_path
 
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
@@ -63,6 +64,7 @@ class Job:
     world: int
     device: torch.device
     dtype: torch.dtype
+    attention: AttentionChoice | None = None  # set once the model has its attention
 
 
 def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
@@ -82,9 +84,9 @@ def cfg_options(cfg: RunConfig, world: int) -> list[int]:
 def choose_topology(cfg: RunConfig, dit: HunyuanVideoConfig, world: int, cfg_degree: int | None = None) -> ResolvedTopology:
     """Degrees for this job: explicit flags, else the model's topology table, else the rule
     (the same choice `plan` shows)."""
-    table = topology_table(dit)
     cfg_degree = cfg_degree or cfg_options(cfg, world)[0]
     try:
+        table = topology_table(dit, cfg.topology_file)
         return table.resolve(
             height=cfg.height, width=cfg.width, frames=cfg.frames, world_size=world,
             cfg=cfg_degree, dp=cfg.dp, ulysses=cfg.ulysses, ring=cfg.ring,
@@ -103,6 +105,7 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, list[dict[
     ph.check_model_dir(cfg)
     device, dtype = ph.resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     memory = plan_memory(cfg, dit, world, device, dtype)
+    check_attention(cfg, dit, memory.topology, device)
     loaded = ph.load_dit_weights(cfg, dtype, memory.plan.placement.fp8)
     return Job(cfg, dit, memory.topology, memory, rank, world, device, dtype), paths, loaded
 
@@ -122,14 +125,28 @@ def plan_memory(cfg: RunConfig, dit: HunyuanVideoConfig, world: int, device: tor
     return plan_job(cfg, shape_for, cfg_options(cfg, world), total)
 
 
+def check_attention(cfg: RunConfig, dit: HunyuanVideoConfig, topology: ResolvedTopology, device) -> None:
+    """The --attention backend's limits (CUDA, package, SP size, even tokens), on every rank."""
+    num_tokens = math.prod(dit.token_grid(cfg.height, cfg.width, cfg.frames))
+    problem = backend_problem(cfg.attention, device_type=device.type, sp_size=topology.topology.sp,
+                              num_tokens=num_tokens)
+    if problem is not None:
+        raise ConfigError(f"--attention {cfg.attention}: {problem}")
+
+
+def table_path(cfg: RunConfig) -> str:
+    return str(cfg.topology_file) if cfg.topology_file is not None else default_table_path("hunyuan_video")
+
+
 def run_generate(cfg: RunConfig) -> list[Path]:
     """The whole job on this rank; returns the videos this rank wrote."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     setup_logging(rank, world, cfg.log_all_ranks)
     job, paths, loaded = validate_job(cfg, rank, world)
     topo = job.topology
+    source = f"table {table_path(cfg)}" if topo.source == "table" else topo.source
     log.info("topology %s (%s): dp %d, cfg %d, ring %d, ulysses %d on %d rank(s)",
-             topo.topology.sp_label, topo.source, topo.topology.dp, topo.topology.cfg,
+             topo.topology.sp_label, source, topo.topology.dp, topo.topology.cfg,
              topo.topology.ring, topo.topology.ulysses, job.world)
     mesh = None
     try:
@@ -163,6 +180,9 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
         conds = ph.encode_prompts(cfg, dit, job.device, job.dtype, stream=stream_text) if job.rank == 0 else None
         if mesh is not None:
             conds = broadcast_object(conds)
+    problem = text_problem(cfg.attention, [int(c.mask.sum()) for c in conds], job.topology.topology.sp)
+    if problem is not None:  # every rank holds the same conds: all raise alike, before any attention
+        raise ConfigError(f"--attention {cfg.attention}: {problem}")
     plan, oom = job.memory.plan, None
     log.info("memory: %s (%s; estimate %.1f GiB per GPU)", plan.label, job.memory.reason, plan.peak / 2**30)
     try:
@@ -178,7 +198,8 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
                     oom, plan.label, plan.peak / 2**30)
         loaded = ph.load_dit_weights(cfg, job.dtype, plan.placement.fp8)  # the first attempt consumed it
         result = _denoise_all(job, plan, loaded, conds, mesh, timer)
-    latents, step_s, peaks, host = result
+    latents, step_s, peaks, host, attention = result
+    job = dataclasses.replace(job, attention=attention)
     written = []
     if _is_writer(mesh):
         memory = {**job.memory.plan.to_dict(), "reason": job.memory.reason, "used": plan.to_dict(),
@@ -198,7 +219,9 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
         model, placed = ph.build_dit(cfg, loaded, job.device, job.dtype, plan.placement, _node_share(job, mesh))
     try:
         grid = dit.token_grid(cfg.height, cfg.width, cfg.frames)
-        shard = parallelize(model, mesh, num_tokens=math.prod(grid))
+        shard = parallelize(model, mesh, num_tokens=math.prod(grid), backend=cfg.attention)
+        log.info("attention: %s, kernel %s%s", shard.attention.backend, shard.attention.kernel,
+                 f" ({shard.attention.note})" if shard.attention.note else "")
         cos, sin = model.rope(grid)
         rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
         dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
@@ -209,7 +232,7 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
                 tokens, step_s[i] = denoise_one(job, model, shard, rope, conds, i, mesh)
             latents[i] = ph.tokens_to_latents(tokens.cpu(), cfg, dit)
         peaks = gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
-        return latents, step_s, peaks, placed.host_kind
+        return latents, step_s, peaks, placed.host_kind, shard.attention
     finally:
         placed.close()
         del model
@@ -294,18 +317,22 @@ def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks
     written = []
     if not latents:
         return written
-    with timer.phase("load_vae"):
-        vae = ph.load_vae_for(cfg, job.dit, job.device)
     tiling = cfg.vae_tiling if cfg.vae_tiling != "auto" else plan.placement.vae_tiling
+    if not cfg.no_video:
+        with timer.phase("load_vae"):
+            vae = ph.load_vae_for(cfg, job.dit, job.device)
     for i, lat in latents.items():
-        with timer.phase("vae_decode"):
-            video = ph.decode(vae, lat, tiling)
+        video = None
+        if not cfg.no_video:
+            with timer.phase("vae_decode"):
+                video = ph.decode(vae, lat, tiling)
         with timer.phase("write"):
             ph.write_outputs(cfg, paths[i], video, lat)
         write_json_atomic(record(job, i, timer, step_s[i], peaks, paths[i]) | {"memory": memory}, paths[i]["record"],
                           overwrite=cfg.overwrite)
-        log.info("wrote %s", paths[i]["video"])
-        written.append(paths[i]["video"])
+        main = paths[i]["latents" if cfg.no_video else "video"]
+        log.info("wrote %s", main)
+        written.append(main)
     return written
 
 
@@ -328,12 +355,14 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "device": str(job.device),
         "topology": {"world_size": job.world, "dp": topo.dp, "cfg": topo.cfg, "ring": topo.ring,
                      "ulysses": topo.ulysses, "source": job.topology.source},
+        "topology_table": table_path(cfg),
+        "attention": job.attention.as_dict() if job.attention is not None else None,
         "timings_s": {**timer.seconds, "denoise_this_video": sum(step_s)},
         "step_s": step_s,
         "peak_memory": peak_memory(job.device),
         "peak_memory_per_rank": peaks,
         "versions": versions(),
-        "outputs": {k: str(v) for k, v in paths.items()},
+        "outputs": {"video": None, **{k: str(v) for k, v in paths.items()}},  # video None: --no-video
         "command": command_line(),
         "finished": now_iso(),
     }

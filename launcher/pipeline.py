@@ -37,7 +37,9 @@ def output_paths(cfg: RunConfig, index: int) -> dict[str, Path]:
 
     stem = output_stem(cfg.prompts[index], cfg.seed + index)
     paths = {"video": cfg.output_dir / f"{stem}.mp4", "record": cfg.output_dir / f"{stem}.json"}
-    if cfg.save_latents:
+    if cfg.no_video:  # the latents are then the result
+        del paths["video"]
+    if cfg.save_latents or cfg.no_video:
         paths["latents"] = cfg.output_dir / f"{stem}.latents.safetensors"
     if cfg.save_grid:
         paths["grid"] = cfg.output_dir / f"{stem}.png"
@@ -203,13 +205,15 @@ def decode(vae, latents: torch.Tensor, tiling: str) -> torch.Tensor:
     return video[0].float().cpu()
 
 
-def write_outputs(cfg: RunConfig, paths: dict[str, Path], video: torch.Tensor, latents: torch.Tensor) -> None:
-    """The mp4 (+ latents, + frame grid), each written to a temporary name and renamed."""
+def write_outputs(cfg: RunConfig, paths: dict[str, Path], video: torch.Tensor | None, latents: torch.Tensor) -> None:
+    """The mp4 (+ latents, + frame grid), each written to a temporary name and renamed; with
+    --no-video (``video`` None) the latents only."""
     from safetensors.torch import save_file
 
     from .video import write_atomic, write_frame_grid, write_video
 
-    write_video(video, paths["video"], fps=cfg.fps, overwrite=cfg.overwrite)
+    if video is not None:
+        write_video(video, paths["video"], fps=cfg.fps, overwrite=cfg.overwrite)
     if "latents" in paths:
         tensors = {"latents": latents.contiguous()}
         write_atomic(paths["latents"], lambda tmp: save_file(tensors, str(tmp)), overwrite=cfg.overwrite)

@@ -100,6 +100,7 @@ def make_plan(
     ring: int | None = None,
     vae_tiling: str = "auto",
     memory_knobs: SimpleNamespace | None = None,
+    topology_file: str | os.PathLike | None = None,
 ) -> Plan:
     """The plan of one job. Raises ConfigError (size, frames, preset, dtype, GPUs) or TopologyError
     with the same messages `generate` gives."""
@@ -107,7 +108,7 @@ def make_plan(
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: must be at least 1")
     dit = get_preset(preset)
-    table = topology_table(dit)
+    table = topology_table(dit, topology_file)
     chosen = table.resolve(
         height=height, width=width, frames=frames, world_size=gpus, cfg=cfg, dp=dp, ulysses=ulysses, ring=ring
     )
@@ -148,9 +149,21 @@ def check_job(*, preset: str, height: int, width: int, frames: int, dtype: str, 
     )
 
 
-def topology_table(dit: HunyuanVideoConfig) -> TopologyTable:
-    """The table `generate` resolves with (``launcher/job.py``): the model family's YAML, without
-    its rows for a preset of another head count (they were chosen for the table's heads)."""
+def topology_table(dit: HunyuanVideoConfig, path: str | os.PathLike | None = None) -> TopologyTable:
+    """The table `generate` resolves with (``launcher/job.py``). Default: the model family's YAML,
+    without its rows for a preset of another head count (they were chosen for the table's heads).
+    ``path`` (``--topology``): that file, validated the same way; its heads must be the preset's.
+    Raises TopologyError naming the file."""
+    if path is not None:
+        try:
+            table = load_topology_table(path)
+        except TopologyError as err:
+            raise TopologyError(f"--topology {err}") from None
+        if table.heads != dit.num_heads:
+            raise TopologyError(
+                f"--topology {table.path}: a table for {table.heads} heads; preset {dit.name} has {dit.num_heads}"
+            )
+        return table
     table = load_topology_table(default_table_path("hunyuan_video"))
     if table.heads != dit.num_heads:
         table = dataclasses.replace(table, heads=dit.num_heads, entries={})
@@ -160,6 +173,7 @@ def topology_table(dit: HunyuanVideoConfig) -> TopologyTable:
 def explain(chosen: ResolvedTopology, table: TopologyTable, height, width, frames, ulysses, ring) -> str:
     """Why this topology: the explicit flags, the table row, or the rule."""
     topo, path = chosen.topology, os.path.relpath(table.path, REPO)
+    path = table.path if path.startswith("..") else path  # --topology files outside the checkout: as given
     if chosen.source == "explicit":
         flags = " ".join(f"--{k} {v}" for k, v in (("ulysses", ulysses), ("ring", ring)) if v is not None)
         return f"explicit override {flags}"
@@ -357,6 +371,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-blocks", type=int, help="as generate's --stream-blocks")
     p.add_argument("--with-text-encoder", action="store_true",
                    help="count the release's LLM text encoder (generate with --model-dir)")
+    p.add_argument("--topology", dest="topology_file", help="topology YAML instead of configs/topology/ (e.g. a "
+                   "sweep's topology.yaml)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -371,7 +387,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         preset=args.preset, height=height, width=width,
         frames=args.frames if args.frames is not None else defaults.frames, gpus=args.gpus,
         dtype=args.dtype, cfg=args.cfg, dp=args.dp, ulysses=args.ulysses, ring=args.ring,
-        vae_tiling=args.vae_tiling, memory_knobs=_memory_knobs(args),
+        vae_tiling=args.vae_tiling, memory_knobs=_memory_knobs(args), topology_file=args.topology_file,
     )
 
 

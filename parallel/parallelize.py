@@ -1,10 +1,11 @@
 """Applying parallelism to a plain model, and the few collectives a generation job needs.
 
-`parallelize(model, mesh, num_tokens=...)` swaps the model's joint attention for the hybrid
-Ulysses x Ring one and returns the `SequenceShard` that cuts tokens (and their RoPE rows) at the
-model's boundary and joins them again: the model itself never changes, so a second model family
-needs none of this code again. CFG parallelism (cfg = 2) runs the conditional and the negative
-pass on two rank groups and combines their velocities with one all-gather per step.
+`parallelize(model, mesh, num_tokens=..., backend=...)` swaps the model's joint attention for the
+hybrid Ulysses x Ring one (or an anchor backend, `parallel/backends.py`) and returns the
+`SequenceShard` that cuts tokens (and their RoPE rows) at the model's boundary and joins them
+again: the model itself never changes, so a second model family needs none of this code again.
+CFG parallelism (cfg = 2) runs the conditional and the negative pass on two rank groups and
+combines their velocities with one all-gather per step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from .attention import HybridAttention
+from .backends import AttentionChoice, backend_problem, build_attention
 from .comm import all_gather_stacked
+from .kernels import select_kernel
 from .mesh import MeshAxis, ParallelMesh
 from .sequence import SequenceParallel, gather_tokens, shard_length, shard_tokens
 
@@ -33,6 +36,7 @@ class SequenceShard:
 
     sp: SequenceParallel
     num_tokens: int
+    attention: AttentionChoice = AttentionChoice("model", "sdpa")
 
     @property
     def local_tokens(self) -> int:
@@ -47,15 +51,32 @@ class SequenceShard:
         return gather_tokens(x, dim, self.sp, self.num_tokens)
 
 
-def parallelize(model, mesh: ParallelMesh | None, *, num_tokens: int, kernel: str = "auto") -> SequenceShard:
-    """Give `model` (anything with `set_attention`) the hybrid attention of `mesh`'s SP group for a
-    sequence of `num_tokens` image tokens; returns the shard helper. With no mesh, or an SP group
-    of one, the model keeps its own attention and the shard is the whole sequence."""
-    if mesh is None or mesh.sp_size == 1:
-        return SequenceShard(SequenceParallel.single(), num_tokens)
-    sp = SequenceParallel.from_mesh(mesh)
-    model.set_attention(HybridAttention(sp, num_valid_tokens=num_tokens, kernel=kernel))
-    return SequenceShard(sp, num_tokens)
+def parallelize(model, mesh: ParallelMesh | None, *, num_tokens: int, backend: str = "native",
+                kernel: str = "auto") -> SequenceShard:
+    """Give `model` (anything with `set_attention` and parameters) the joint attention of `mesh`'s
+    SP group for a sequence of `num_tokens` image tokens; returns the shard helper, whose
+    `attention` says what runs.
+
+    `backend`: one of `parallel.backends.BACKENDS` (the anchors need SP > 1 and CUDA or their
+    package; `backend_problem` checks that first). `kernel`: "auto" or a `parallel.kernels` name
+    for native; "auto" only for the anchors (each runs its own, see `parallel/backends.py`).
+    With no mesh or an SP group of one, on the CPU the model keeps its own SDPA; on CUDA it runs
+    the kernel the native path selects (cuDNN on Hopper), so 1-GPU baselines use the best kernel
+    rather than whatever SDPA's dispatcher picks for a masked call."""
+    sp = SequenceParallel.single() if mesh is None or mesh.sp_size == 1 else SequenceParallel.from_mesh(mesh)
+    param = next(model.parameters())
+    if backend != "native":
+        problem = backend_problem(backend, device_type=param.device.type, sp_size=sp.sp_size, num_tokens=num_tokens)
+        if problem is not None:
+            raise ValueError(problem)
+        attn, choice = build_attention(backend, sp, num_tokens=num_tokens, device_type=param.device.type)
+    elif sp.sp_size == 1 and param.device.type != "cuda":
+        return SequenceShard(sp, num_tokens, AttentionChoice("model", "sdpa"))
+    else:
+        name, _ = select_kernel(kernel, param.device, param.dtype, model.config.head_dim)
+        attn, choice = HybridAttention(sp, num_valid_tokens=num_tokens, kernel=name), AttentionChoice("native", name)
+    model.set_attention(attn)
+    return SequenceShard(sp, num_tokens, choice)
 
 
 def cfg_parallel_velocity(own: Velocity, mesh: ParallelMesh, combine: Callable) -> Velocity:
