@@ -216,11 +216,15 @@ class ParallelMesh:
         return self.local_rank(MeshAxis.RING) * self.dims.ulysses + self.local_rank(MeshAxis.ULYSSES)
 
 
+RING_MAX_CTAS = 16  # measured on 4 x H200 at 720p, ring 4: 16 beat NCCL's default, 8 and 4 (docs/BENCHMARKS.md)
+
+
 def _ring_options(axes: Sequence[MeshAxis]):
-    """NCCL options of the ring groups: ``LAUNCHER_RING_MAX_CTAS`` caps the CTAs (SMs) the ring's
-    P2P kernels may take while they overlap the attention kernel (unset: NCCL's default)."""
-    cap = os.environ.get("LAUNCHER_RING_MAX_CTAS")
-    if not cap or tuple(axes) != (MeshAxis.RING,) or dist.get_backend() != "nccl":
+    """NCCL options of the ring groups: their P2P kernels run beside the attention kernel, and
+    every SM they hold is one the attention lacks, so they get at most ``RING_MAX_CTAS`` CTAs
+    (``LAUNCHER_RING_MAX_CTAS`` overrides it; 0 leaves NCCL's default)."""
+    cap = int(os.environ.get("LAUNCHER_RING_MAX_CTAS", RING_MAX_CTAS))
+    if cap <= 0 or tuple(axes) != (MeshAxis.RING,) or dist.get_backend() != "nccl":
         return None
     opts = dist.ProcessGroupNCCL.Options()
     opts.config.max_ctas = int(cap)

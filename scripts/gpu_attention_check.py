@@ -79,8 +79,9 @@ class Ctx:
 
     def emit(self, row):
         """Keep a result and append it to the JSON lines at once (a later crash loses nothing)."""
-        if os.environ.get("LAUNCHER_RING_MAX_CTAS"):
-            row = {**row, "ring_max_ctas": int(os.environ["LAUNCHER_RING_MAX_CTAS"])}
+        from parallel.mesh import RING_MAX_CTAS
+
+        row = {**row, "ring_max_ctas": int(os.environ.get("LAUNCHER_RING_MAX_CTAS", RING_MAX_CTAS))}
         self.rows.append(row)
         if self.rank == 0 and self.jsonl:
             with open(self.jsonl, "a", encoding="utf-8") as f:

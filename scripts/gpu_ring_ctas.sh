@@ -11,11 +11,11 @@ run() {  # run TAG ARGS...
   local tag=$1; shift
   timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node=4 scripts/gpu_attention_check.py \
     --kind "$KIND" --skip-correctness --backends native --iters 10 "$@" > "$OUT/ring_$tag.txt" 2>&1
-  echo "== $tag (LAUNCHER_RING_MAX_CTAS=${LAUNCHER_RING_MAX_CTAS:-default}): exit $?"
+  echo "== $tag (LAUNCHER_RING_MAX_CTAS=${LAUNCHER_RING_MAX_CTAS:-16}; 0 = NCCL default): exit $?"
   grep -E "^(bench|\|)" "$OUT/ring_$tag.txt"
 }
 run profile --factorisations 1x4 --profile
-for ctas in default 16 8 4; do
-  if [ "$ctas" = default ]; then unset LAUNCHER_RING_MAX_CTAS; else export LAUNCHER_RING_MAX_CTAS=$ctas; fi
+for ctas in 0 16 8 4; do
+  export LAUNCHER_RING_MAX_CTAS=$ctas
   run "ctas_$ctas" --factorisations 4x1,2x2,1x4 --jsonl "$OUT/attention.jsonl"
 done
