@@ -49,7 +49,7 @@ from .record import PhaseTimer, command_line, device_used_bytes, now_iso, peak_m
 
 log = logging.getLogger("launcher")
 
-NCCL_ALLOWANCE = 512 * 2**20  # communicators created after the cap is set (their buffers bypass it)
+NCCL_ALLOWANCE = 768 * 2**20  # communicators created after the cap is set (their buffers bypass it)
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     log.info("topology %s (%s): dp %d, cfg %d, ring %d, ulysses %d on %d rank(s)",
              topo.topology.sp_label, source, topo.topology.dp, topo.topology.cfg,
              topo.topology.ring, topo.topology.ulysses, job.world)
-    mesh = None
+    mesh, failed = None, True
     try:
         if job.world > 1:
             info = init_distributed(device_type=job.device.type, timeout=cfg.timeout_s)
@@ -157,9 +157,13 @@ def run_generate(cfg: RunConfig) -> list[Path]:
         if cfg.seed is None:
             job = _with_shared_seed(job, mesh)
             paths = [ph.output_paths(job.cfg, i) for i in range(len(cfg.prompts))]
-        return _run(job, paths, loaded, mesh)
+        written = _run(job, paths, loaded, mesh)
+        failed = False
+        return written
     finally:
-        teardown()
+        # After a failure other ranks may be inside a collective this rank never joins: a
+        # graceful destroy would wait for them (until the timeout), so abort the communicators.
+        teardown(abort=failed)
 
 
 def _with_shared_seed(job: Job, mesh: ParallelMesh | None) -> Job:

@@ -41,7 +41,10 @@ from .config import ConfigError
 from .memory_estimate import DTYPE_BYTES, VAE_DTYPE_BYTES, dit_activations, vae_decode_bytes, vae_tiling_config
 
 GIB = 2**30
-RUNTIME_OVERHEAD = int(1.25 * GIB)  # context + NCCL communicators + allocator slack (see BENCHMARKS)
+# Outside the allocator: the CUDA context and NCCL's buffers measured 2.2 GiB per rank on 4 x H200
+# (docs/BENCHMARKS.md), plus 0.75 GiB for the communicators made after the cap (launcher/job.py);
+# inside it, 0.5 GiB of caching-allocator slack (reserved above allocated).
+RUNTIME_OVERHEAD = int(3.5 * GIB)
 PROFILES = ("default", "light", "extreme")
 FP8_MODES = ("off", "auto", "storage", "matmul")
 LLM_PARAMS = 7_500_000_000  # the release's llava-llama-3-8b language model (its 32 decoder layers)

@@ -286,7 +286,15 @@ def init_parallel(topology: Topology, **init_kwargs) -> ParallelMesh:
     return build_parallel_mesh(dims, device=info.device, timeout=info.timeout)
 
 
-def teardown() -> None:
-    """Destroy every process group; safe to call when none exists (use in ``finally``)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(abort: bool = False) -> None:
+    """Destroy every process group; safe to call when none exists (use in ``finally``).
+    ``abort``: after a failure, abort the communicators instead of waiting for peers' work."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if abort and dist.get_backend() == "nccl":
+        try:
+            dist.distributed_c10d._abort_process_group()
+            return
+        except Exception:  # noqa: BLE001 - fall back to the graceful path
+            pass
+    dist.destroy_process_group()
