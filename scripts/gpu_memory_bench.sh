@@ -3,7 +3,8 @@
 # node: the 13B preset (random weights) at 720x1280x129 on 4 GPUs, 3 steps each, as plain bf16,
 # every block streamed, FP8 storage, FP8 matmul and under a 24 GiB budget; then 544x960x129 plain
 # and under a 12 GiB budget. The DiT only (--no-video): the VAE's memory is benchmarked apart.
-# Usage: scripts/gpu_memory_bench.sh KIND [NAME ...]   Results: $OUT/memory.jsonl, logs, table.
+# Usage: scripts/gpu_memory_bench.sh KIND [NAME ...]   Env: STEPS (3), RUN_TIMEOUT (200 s per run).
+# Results: $OUT/memory.jsonl, $OUT/memory_runs.tgz (records and logs), the table on stdout.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 KIND=${1:-unknown}
@@ -16,7 +17,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 df -h /dev/shm | tail -1
-COMMON=(--preset hunyuan-video-13b --frames 129 --steps 3 --seed 3 --no-video --overwrite)
+COMMON=(--preset hunyuan-video-13b --frames 129 --steps "${STEPS:-3}" --seed 3 --no-video --overwrite)
 declare -A ARGS=(
   [plain]="--size 720x1280"
   [stream_all]="--size 720x1280 --stream-blocks 60"
@@ -31,9 +32,11 @@ ORDER=(plain stream_all fp8_storage fp8_matmul budget_24gib plain_544 budget_12g
 for name in "${ORDER[@]}"; do
   start=$(date +%s)
   # shellcheck disable=SC2086  # ARGS values are flag lists
-  timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node=4 -m launcher generate \
+  timeout "${RUN_TIMEOUT:-200}" python3 -m torch.distributed.run --standalone --nproc_per_node=4 -m launcher generate \
     --prompt "a red fox in the snow" --output-dir "$RUNS/$name" "${COMMON[@]}" ${ARGS[$name]} \
     > "$RUNS/$name.log" 2>&1
   echo "$name: exit $? in $(( $(date +%s) - start )) s"
 done
 python3 scripts/gpu_memory_summary.py --runs "$RUNS" --kind "$KIND" --jsonl "$OUT/memory.jsonl"
+# The device tool returns at most 8 files: the records and logs travel as one archive.
+tar czf "$OUT/memory_runs.tgz" --exclude='*.safetensors' -C "$OUT" runs && rm -rf "$RUNS"
