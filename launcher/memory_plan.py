@@ -41,10 +41,11 @@ from .config import ConfigError
 from .memory_estimate import DTYPE_BYTES, VAE_DTYPE_BYTES, dit_activations, vae_decode_bytes, vae_tiling_config
 
 GIB = 2**30
-# Outside the allocator: the CUDA context and NCCL's buffers measured 2.2 GiB per rank on 4 x H200
-# (docs/BENCHMARKS.md), plus 0.75 GiB for the communicators made after the cap (launcher/job.py);
-# inside it, 0.5 GiB of caching-allocator slack (reserved above allocated).
-RUNTIME_OVERHEAD = int(3.5 * GIB)
+# Measured on 4 x H200 (docs/BENCHMARKS.md, memory placements): outside the caching allocator a
+# rank holds 2.2 GiB once the process group is up (CUDA context, NCCL) and 4.5 GiB by the end of
+# a step (NCCL connects its peers' buffers lazily, at the first all-to-all); inside it, reserved
+# ran 0.9-1.1 GiB above allocated under a cap. Both, rounded up.
+RUNTIME_OVERHEAD = int(5.5 * GIB)
 PROFILES = ("default", "light", "extreme")
 FP8_MODES = ("off", "auto", "storage", "matmul")
 LLM_PARAMS = 7_500_000_000  # the release's llava-llama-3-8b language model (its 32 decoder layers)

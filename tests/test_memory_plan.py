@@ -77,7 +77,7 @@ def test_cfg_in_parallel_falls_back_to_sequential_when_it_does_not_fit():
     def shape_for(degree):
         return shape(gpus=4, u=2 if degree == 2 else 4, cfg=degree), f"topology cfg {degree}"
 
-    knobs = SimpleNamespace(max_gpu_memory=10 * GIB, memory_profile=None, fp8="off", stream_blocks=None, prefetch=1)
+    knobs = SimpleNamespace(max_gpu_memory=13 * GIB, memory_profile=None, fp8="off", stream_blocks=None, prefetch=1)
     job = plan_job(knobs, shape_for, [2, 1], None)
     assert job.plan.placement.cfg_degree == 1 and job.topology == "topology cfg 1"
     roomy = plan_job(SimpleNamespace(**{**vars(knobs), "max_gpu_memory": 40 * GIB}), shape_for, [2, 1], None)
