@@ -219,7 +219,8 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
 
 def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh | None, timer: PhaseTimer):
     """Place the DiT as ``plan`` says and denoise this replica's prompts. Returns the latents and
-    step times per prompt, every rank's peak memory, and the kind of host store (or None)."""
+    step times per prompt, every rank's peak memory, the kind of host store (or None) and the
+    attention backend that ran. The placement is torn down however this ends."""
     cfg, dit = job.cfg, job.dit
     with timer.phase("load_dit"):
         model, placed = ph.build_dit(cfg, loaded, job.device, job.dtype, plan.placement, _node_share(job, mesh))
