@@ -98,7 +98,7 @@ def place_blocks(
     if streamed == 0:
         return PlacedBlocks(None, None, ())
     tail = list(blocks[cut:])
-    use_share = share is not None and share.agree(True)
+    use_share = share is not None
     layouts = [BlockLayout.of(structure(name, meta_copy(block))) for name, block in tail]
     need = sum(layout.nbytes for layout in layouts)
     if use_share and not share.agree(shm_free_bytes() > need * 1.02):

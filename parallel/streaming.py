@@ -171,11 +171,15 @@ def _shared_store(layouts, offsets, total, fill, name, writer, barrier, cuda) ->
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.truncate(total)
-        flat = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
-        store = HostStore(flat, offsets, "shared", tmp)
-        for i, layout in enumerate(layouts):
-            fill(i, store.block(i, layout))
-        os.replace(tmp, path)
+        try:
+            flat = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
+            store = HostStore(flat, offsets, "shared", tmp)
+            for i, layout in enumerate(layouts):
+                fill(i, store.block(i, layout))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave a half-written store in /dev/shm
+            raise
     barrier()  # the file is complete under its final name
     if not writer:
         flat = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
