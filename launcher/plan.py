@@ -53,7 +53,8 @@ from .memory_estimate import (
 )
 
 CALIBRATED_VAE = "hunyuan-video"  # the VAE preset the decode measurements were taken with
-NOT_INCLUDED = "CUDA context, allocator slack (~1-2 GiB); text encoders (rank 0, freed before the DiT loads)"
+NOT_INCLUDED = ("CUDA context and NCCL buffers (4.5 GiB per rank measured on 4 x H200) and allocator slack "
+                "(the memory plan, with --max-gpu-memory, counts them); text encoders (rank 0, freed before the DiT loads)")
 REPO = Path(__file__).resolve().parents[1]
 
 
