@@ -19,3 +19,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def slurm_single(tmp_path_factory):
+    """The single-process run that the multi-node tests (tests/test_slurm_*.py) compare with."""
+    from test_distributed_generate import run_launcher
+    from test_slurm_multinode import VIDEO
+
+    out = tmp_path_factory.mktemp("single")
+    proc = run_launcher(out, *VIDEO, seed=None)
+    assert proc.returncode == 0, proc.stderr
+    return out

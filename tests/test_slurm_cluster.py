@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from launcher.__main__ import main
-from test_distributed_generate import BASE, ODD_9, assert_same_videos, run_launcher
+from test_distributed_generate import BASE, assert_same_videos
+from test_slurm_multinode import VIDEO
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "srun")
-VIDEO = ("--prompt", "a red fox", *ODD_9, "--device", "cpu", "--seed", "7")
 JOB_TIMEOUT = 180
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
 
@@ -52,14 +52,6 @@ def slurm_conf(tmp_path_factory):
         yield str(state / "slurm.conf")
     finally:
         subprocess.run([str(CLUSTER), "stop", str(state)], capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single")
-    proc = run_launcher(out, *VIDEO, seed=None)
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 @pytest.fixture
@@ -93,7 +85,7 @@ def _tail(log: Path) -> str:
     return log.read_text()[-6000:] if log.exists() else f"(no log at {log})"
 
 
-def test_rendered_job_runs_under_slurm(job_env, capsys, single):
+def test_rendered_job_runs_under_slurm(job_env, capsys, slurm_single):
     argv = ["slurm", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "5",
             "--job-name", "videodit-test", *BASE, *VIDEO, "--submit", "-o", "job.sbatch"]
     assert main(argv) == 0
@@ -104,10 +96,10 @@ def test_rendered_job_runs_under_slurm(job_env, capsys, single):
     text = log.read_text()
     assert f"job {job_id}: 1 node(s) x 2, rendezvous" in text
     assert "topology 2x1 (explicit): dp 1, cfg 1, ring 1, ulysses 2 on 2 rank(s)" in text
-    assert_same_videos(single, job_env / "outputs" / job_id)
+    assert_same_videos(slurm_single, job_env / "outputs" / job_id)
 
 
-def test_srun_without_torchrun(job_env, single):
+def test_srun_without_torchrun(job_env, slurm_single):
     generate = [os.environ["PYTHON"], "-m", "launcher", "generate", "--output-dir", "out", *BASE, *VIDEO]
     sbatch = ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=5", "--output=srun-%j.out",
               "--wrap", "srun " + " ".join(f"'{a}'" for a in generate)]
@@ -117,4 +109,4 @@ def test_srun_without_torchrun(job_env, single):
     log = job_env / f"srun-{job_id}.out"
     wait_for(job_id, log)
     assert "on 2 rank(s)" in log.read_text()
-    assert_same_videos(single, job_env / "out")
+    assert_same_videos(slurm_single, job_env / "out")

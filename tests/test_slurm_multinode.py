@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_distributed_generate import BASE, ODD_9, assert_same_videos, run_launcher
+from test_distributed_generate import BASE, ODD_9, assert_same_videos
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
@@ -71,15 +71,7 @@ def assert_ok(results) -> str:
     return "".join(r.stderr for r in results)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single")
-    proc = run_launcher(out, *VIDEO, seed=None)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path, single):
+def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path, slurm_single):
     endpoint, rdzv_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex
     commands = []
     for node in range(2):
@@ -90,10 +82,10 @@ def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path, single):
         commands.append(([*torchrun, *launcher], clean_env()))
     log = assert_ok(run_together(commands))
     assert "topology 2x1" in log
-    assert_same_videos(single, tmp_path)
+    assert_same_videos(slurm_single, tmp_path)
 
 
-def test_srun_style_tasks_without_torchrun(tmp_path, single):
+def test_srun_style_tasks_without_torchrun(tmp_path, slurm_single):
     # MASTER_PORT comes from the job id (20000 + id % 20000): pick an id whose port is free.
     job_id = free_port(random.sample(range(20000, 40000), 200)) - 20000 + 40000
     commands = []
@@ -105,4 +97,4 @@ def test_srun_style_tasks_without_torchrun(tmp_path, single):
         commands.append((launcher, env))
     log = assert_ok(run_together(commands))
     assert "topology 2x1" in log and "on 2 rank(s)" in log
-    assert_same_videos(single, tmp_path)
+    assert_same_videos(slurm_single, tmp_path)
