@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from datetime import date
 from pathlib import Path
 
-from safetensors.torch import load_file
+from gpu_summary_util import append_measured, latents_rel_err, one, parse_args
 
 # run name -> (reference run, gpus, ulysses, ring, cfg)
 RUNS = {
@@ -25,15 +24,10 @@ RUNS = {
 }
 
 
-def _one(folder: Path, pattern: str) -> Path | None:
-    found = sorted(folder.glob(pattern))
-    return found[0] if found else None
-
-
 def summarise(runs: Path, kind: str) -> list[dict]:
     rows = []
     for name, (ref, gpus, u, r, c) in RUNS.items():
-        record_path = _one(runs / name, "*.json")
+        record_path = one(runs / name, "*.json")
         if record_path is None:
             rows.append({"run": name, "status": "failed (see its log)"})
             continue
@@ -48,26 +42,18 @@ def summarise(runs: Path, kind: str) -> list[dict]:
             "peak_gib": max(p.get("gpu_allocated_gib", 0.0) for p in rec["peak_memory_per_rank"]),
             "timings_s": rec["timings_s"], "command": rec["command"], "run": name,
         }
-        lat = _one(runs / name, "*.latents.safetensors")
-        ref_lat = _one(runs / ref, "*.latents.safetensors") if ref else None
+        lat = one(runs / name, "*.latents.safetensors")
+        ref_lat = one(runs / ref, "*.latents.safetensors") if ref else None
         if lat is not None and ref_lat is not None:
-            a, b = load_file(str(lat))["latents"].double(), load_file(str(ref_lat))["latents"].double()
-            row["rel_err_vs_1gpu"] = ((a - b).norm() / b.norm()).item()
+            row["rel_err_vs_1gpu"] = latents_rel_err(lat, ref_lat)
         rows.append(row)
     return rows
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--runs", type=Path, required=True)
-    p.add_argument("--kind", default="unknown")
-    p.add_argument("--jsonl", type=Path, required=True)
-    args = p.parse_args()
+    args = parse_args(__doc__)
     rows = summarise(args.runs, args.kind)
-    with args.jsonl.open("a") as f:
-        for row in rows:
-            if "seconds" in row:
-                f.write(json.dumps(row) + "\n")
+    append_measured(rows, args.jsonl)
     print("| run | model | size x frames | gpus | u x r | cfg | s/step (median) | peak GiB | rel err vs 1 GPU |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:

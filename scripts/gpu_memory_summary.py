@@ -5,24 +5,18 @@ the latents against the plain bf16 run of the same size; a table and JSON lines.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from datetime import date
 from pathlib import Path
 
-from safetensors.torch import load_file
+from gpu_summary_util import append_measured, latents_rel_err, one, parse_args
 
 REFERENCE = {"720x1280": "plain", "544x960": "plain_544"}
 
 
-def _one(folder: Path, pattern: str) -> Path | None:
-    found = sorted(folder.glob(pattern))
-    return found[0] if found else None
-
-
 def _row(name: str, runs: Path, kind: str) -> dict:
-    record_path = _one(runs / name, "*.json")
+    record_path = one(runs / name, "*.json")
     if record_path is None:
         return {"run": name, "status": "failed (see its log)"}
     rec = json.loads(record_path.read_text())
@@ -44,24 +38,16 @@ def _row(name: str, runs: Path, kind: str) -> dict:
         "timings_s": rec["timings_s"], "command": rec["command"],
     }
     ref = REFERENCE.get(size)
-    lat, ref_lat = _one(runs / name, "*.latents.safetensors"), _one(runs / ref, "*.latents.safetensors") if ref else None
+    lat, ref_lat = one(runs / name, "*.latents.safetensors"), one(runs / ref, "*.latents.safetensors") if ref else None
     if lat is not None and ref_lat is not None and ref != name:
-        a, b = load_file(str(lat))["latents"].double(), load_file(str(ref_lat))["latents"].double()
-        row["rel_err_vs_bf16"] = ((a - b).norm() / b.norm()).item()
+        row["rel_err_vs_bf16"] = latents_rel_err(lat, ref_lat)
     return row
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--runs", type=Path, required=True)
-    p.add_argument("--kind", default="unknown")
-    p.add_argument("--jsonl", type=Path, required=True)
-    args = p.parse_args()
+    args = parse_args(__doc__)
     rows = [_row(d.name, args.runs, args.kind) for d in sorted(args.runs.iterdir()) if d.is_dir()]
-    with args.jsonl.open("a") as f:
-        for row in rows:
-            if "seconds" in row:
-                f.write(json.dumps(row) + "\n")
+    append_measured(rows, args.jsonl)
     base = {r["size"]: r["seconds"] for r in rows if r.get("run") in REFERENCE.values() and "seconds" in r}
     print("| run | size | placement | s/step | vs plain | peak GiB (worst rank) | estimate GiB | host PSS GiB (node) | rel err vs bf16 | OOM fallback |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
