@@ -43,7 +43,7 @@ from parallel.topology import ResolvedTopology, TopologyError, default_table_pat
 
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
-from .memory_plan import JobMemory, JobShape, MemoryPlan, plan_job
+from .memory_plan import TORCH_DTYPES, JobMemory, JobShape, MemoryPlan, plan_job
 from .plan import topology_table
 from .record import PhaseTimer, command_line, device_used_bytes, now_iso, peak_memory, versions
 
@@ -114,7 +114,7 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, list[dict[
 
 def plan_memory(cfg: RunConfig, dit: HunyuanVideoConfig, world: int, device: torch.device, dtype) -> JobMemory:
     """The memory plan (launcher/memory_plan.py) and the topology of its CFG degree."""
-    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    dtype_name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
 
     def shape_for(degree: int):
         topo = choose_topology(cfg, dit, world, degree)

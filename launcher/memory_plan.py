@@ -30,9 +30,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import torch
 from torch import nn
 
 import models
+from models.fp8 import quantize_model, weight_bytes
 from models.hunyuan_video import HunyuanVideoConfig
 from models.hunyuan_video.text_encoder import TEXT_LEN
 from parallel.sequence import shard_length
@@ -46,6 +48,7 @@ GIB = 2**30
 # a step (NCCL connects its peers' buffers lazily, at the first all-to-all); inside it, reserved
 # ran 0.9-1.1 GiB above allocated under a cap. Both, rounded up.
 RUNTIME_OVERHEAD = int(5.5 * GIB)
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROFILES = ("default", "light", "extreme")
 FP8_MODES = ("off", "auto", "storage", "matmul")
 LLM_PARAMS = 7_500_000_000  # the release's llava-llama-3-8b language model (its 32 decoder layers)
@@ -123,31 +126,17 @@ class DitSizes:
     largest_linear: int
 
 
-def _fp8_bytes(block: nn.Module, b: int) -> int:
-    """A block with its linears in float8 (1 B/weight + a float32 scale per output row)."""
-    total = 0
-    for mod in block.modules():
-        if isinstance(mod, nn.Linear):
-            total += mod.weight.numel() + 4 * mod.out_features + (b * mod.bias.numel() if mod.bias is not None else 0)
-        else:
-            total += sum(p.numel() for p in mod.parameters(recurse=False)) * b
-    return total
-
-
 @functools.cache
 def dit_sizes(preset: str, dtype: str) -> DitSizes:
-    model = models.build_model(preset, device="meta")
-    b = DTYPE_BYTES[dtype]
+    model = models.build_model(preset, device="meta", dtype=TORCH_DTYPES[dtype])
     blocks = [*model.double_blocks, *model.single_blocks]
-    in_blocks = {id(p) for blk in blocks for p in blk.parameters()}
-    other = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks) * b
-    largest = max(m.weight.numel() for blk in blocks for m in blk.modules() if isinstance(m, nn.Linear))
-    return DitSizes(
-        other=other,
-        blocks=tuple(sum(p.numel() for p in blk.parameters()) * b for blk in blocks),
-        blocks_fp8=tuple(_fp8_bytes(blk, b) for blk in blocks),
-        largest_linear=largest * b,
-    )
+    plain = tuple(weight_bytes(blk) for blk in blocks)
+    linears = [m.weight for blk in blocks for m in blk.modules() if isinstance(m, nn.Linear)]
+    largest = max(w.numel() * w.element_size() for w in linears)
+    other = weight_bytes(model) - sum(plain)
+    quantize_model(model)  # on the meta device: swaps the block linears for Float8Linear, no values
+    return DitSizes(other=other, blocks=plain, blocks_fp8=tuple(weight_bytes(blk) for blk in blocks),
+                    largest_linear=largest)
 
 
 # --------------------------------------------------------------------------------------------
