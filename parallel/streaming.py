@@ -101,7 +101,6 @@ class HostStore:
     flat: torch.Tensor
     offsets: tuple[int, ...]
     kind: str
-    path: Path | None = None
     _registered: bool = False
 
     def block(self, i: int, layout: BlockLayout) -> torch.Tensor:
@@ -173,7 +172,7 @@ def _shared_store(layouts, offsets, total, fill, name, writer, barrier, cuda) ->
             f.truncate(total)
         try:
             flat = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
-            store = HostStore(flat, offsets, "shared", tmp)
+            store = HostStore(flat, offsets, "shared")
             for i, layout in enumerate(layouts):
                 fill(i, store.block(i, layout))
             os.replace(tmp, path)
@@ -186,7 +185,7 @@ def _shared_store(layouts, offsets, total, fill, name, writer, barrier, cuda) ->
     barrier()  # every rank has mapped it: the name can go, the mappings stay
     if writer:
         path.unlink(missing_ok=True)
-    store = HostStore(flat, offsets, "shared", path)
+    store = HostStore(flat, offsets, "shared")
     if cuda and _register(flat):
         store.kind, store._registered = "shared-pinned", True
     return store
