@@ -43,15 +43,11 @@ from parallel.topology import ResolvedTopology, TopologyError, default_table_pat
 
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
-from .memory_plan import TORCH_DTYPES, JobMemory, JobShape, MemoryPlan, plan_job
+from .memory_plan import NCCL_ALLOWANCE, TORCH_DTYPES, JobMemory, JobShape, MemoryPlan, plan_job
 from .plan import topology_table
 from .record import PhaseTimer, command_line, device_used_bytes, now_iso, peak_memory, versions
 
 log = logging.getLogger("launcher")
-
-# NCCL memory that appears after the cap is set (buffers connected lazily at the first collective
-# between two peers; they bypass the allocator): measured 2.3 GiB on 4 x H200 (docs/BENCHMARKS.md).
-NCCL_ALLOWANCE = int(2.3 * 2**30)
 
 
 @dataclass(frozen=True)
@@ -144,6 +140,7 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     """The whole job on this rank; returns the videos this rank wrote."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     setup_logging(rank, world, cfg.log_all_ranks)
+    _expandable_segments_under_budget(cfg)
     job, paths, loaded = validate_job(cfg, rank, world)
     topo = job.topology
     source = f"table {table_path(cfg)}" if topo.source == "table" else topo.source
@@ -210,7 +207,8 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
     if _is_writer(mesh):
         memory = {**job.memory.plan.to_dict(), "reason": job.memory.reason, "used": plan.to_dict(),
                   "fallback_after_oom": oom, "host_store": host,
-                  "budget_gib": None if job.memory.budget is None else job.memory.budget / 2**30}
+                  "budget_gib": None if job.memory.budget is None else job.memory.budget / 2**30,
+                  "allocator_conf": os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))}
         written = _decode_and_write(job, paths, latents, step_s, timer, peaks, plan, memory)
     if mesh is not None:
         torch.distributed.barrier()  # other ranks wait (with the timeout) for the writers
@@ -253,6 +251,17 @@ def _node_share(job: Job, mesh: ParallelMesh | None) -> NodeShare | None:
         return None
     return NodeShare(name=node_share_name("dit"), writer=int(os.environ.get("LOCAL_RANK", "0")) == 0,
                      barrier=torch.distributed.barrier, agree=lambda ok: all_true(ok, job.device))
+
+
+def _expandable_segments_under_budget(cfg: RunConfig) -> None:
+    """Under a budget the allocator is capped, and with fixed-size segments the freed blocks of
+    odd sizes strand memory below the cap (1.2 GiB measured at 24 GiB, enough to run out of memory
+    with 1 GiB to spare). Expandable segments map pages as needed instead. Set before CUDA starts;
+    an allocator configuration the user set wins."""
+    if cfg.max_gpu_memory is None or torch.cuda.is_initialized():
+        return
+    if not ({"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & os.environ.keys()):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def _cap_memory(job: Job) -> None:

@@ -43,11 +43,16 @@ from .config import ConfigError
 from .memory_estimate import DTYPE_BYTES, VAE_DTYPE_BYTES, dit_activations, vae_decode_bytes, vae_tiling_config
 
 GIB = 2**30
-# Measured on 4 x H200 (docs/BENCHMARKS.md, memory placements): outside the caching allocator a
-# rank holds 2.2 GiB once the process group is up (CUDA context, NCCL) and 4.5 GiB by the end of
-# a step (NCCL connects its peers' buffers lazily, at the first all-to-all); inside it, reserved
-# ran 0.9-1.1 GiB above allocated under a cap. Both, rounded up.
-RUNTIME_OVERHEAD = int(5.5 * GIB)
+# What a rank holds outside its tensors, measured on 4 x H200 (docs/BENCHMARKS.md, memory
+# placements): 2.2 GiB outside the caching allocator once the process group is up (CUDA context,
+# NCCL); NCCL_ALLOWANCE more by the end of a step (NCCL connects its peers' buffers lazily, at the
+# first all-to-all: 2.32 GiB measured, outside the allocator's cap); and the allocator's slack
+# (reserved over allocated: 1.2 GiB under a cap with fixed segments, which is why a budget turns
+# on expandable segments). Each rounded up.
+CONTEXT_OVERHEAD = int(2.25 * GIB)
+NCCL_ALLOWANCE = int(2.5 * GIB)
+ALLOCATOR_SLACK = int(1.0 * GIB)
+RUNTIME_OVERHEAD = CONTEXT_OVERHEAD + NCCL_ALLOWANCE + ALLOCATOR_SLACK
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROFILES = ("default", "light", "extreme")
 FP8_MODES = ("off", "auto", "storage", "matmul")
