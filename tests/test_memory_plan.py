@@ -1,6 +1,7 @@
 """The memory planner's choices (launcher/memory_plan.py) and its command-line faces."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,19 @@ def test_generate_rejects_bad_memory_flags(tmp_path):
         proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("budget, user_conf, expected", [
+    (24 * GIB, None, "expandable_segments:True"),  # a budget: expandable segments
+    (24 * GIB, "max_split_size_mb:128", "max_split_size_mb:128"),  # the user's configuration wins
+    (None, None, None),  # no budget: the allocator is left alone
+])
+def test_a_budget_maps_the_allocator_in_expandable_segments(monkeypatch, budget, user_conf, expected):
+    from launcher.job import _expandable_segments_under_budget
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    if user_conf is not None:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_conf)
+    _expandable_segments_under_budget(SimpleNamespace(max_gpu_memory=budget))
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
