@@ -36,18 +36,20 @@ timeout).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .comm import gather_heads, heads_to_seq, seq_to_heads
+from .comm import gather_heads, heads_to_seq, post_heads_to_seq, post_seq_to_heads, seq_to_heads, unpack_heads
 from .kernels import Kernel, select_kernel
 from .local import TextKV, local_joint_attention  # noqa: F401 - re-exported
 from .ring import fold_attention, merge_text_over_ring, ring_attention
 from .sequence import SequenceParallel, shard_length, valid_in_chunk
 
 CHECK_MODES = ("first", "always", "never")
+DEFAULT_HEAD_CHUNKS = 1
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,10 @@ class HybridAttention:
     ``fuse_text``: for pure Ulysses with one text length and no padding, put the text into the
     all-to-all's buffer (one kernel call, no concatenation copies); ``False`` forces the general
     path.
+    ``head_chunks``: on that fused path, split this rank's heads into this many chunks and
+    pipeline them, so each chunk's all-to-alls overlap the neighbouring chunks' kernels (``None``:
+    ``LAUNCHER_ULYSSES_CHUNKS`` or ``DEFAULT_HEAD_CHUNKS``; rounded down to a divisor of the
+    rank's heads).
 
     Keep ``txt_lens`` on the CPU: it is read as Python ints every call (a CUDA tensor would cost a
     device sync per call).
@@ -147,6 +153,7 @@ class HybridAttention:
         kernel: str = "auto",
         check_inputs: str = "first",
         fuse_text: bool = True,
+        head_chunks: int | None = None,
     ):
         if check_inputs not in CHECK_MODES:
             raise ValueError(f"check_inputs must be one of {CHECK_MODES}, got {check_inputs!r}")
@@ -154,6 +161,11 @@ class HybridAttention:
         self.kernel_name = kernel
         self.check_mode = check_inputs
         self.fuse_text = fuse_text  # False: always the general path (A/B benchmarks, tests)
+        if head_chunks is None:
+            head_chunks = int(os.environ.get("LAUNCHER_ULYSSES_CHUNKS", DEFAULT_HEAD_CHUNKS))
+        if head_chunks < 1:
+            raise ValueError(f"head_chunks must be >= 1, got {head_chunks}")
+        self.head_chunks = head_chunks
         self.num_valid_tokens = num_valid_tokens
         self._kernels: dict[tuple, tuple[str, Kernel]] = {}
         self._calls = 0
@@ -189,12 +201,12 @@ class HybridAttention:
         txt = None if txt_q is None or txt_q.shape[1] == 0 else (txt_q, txt_k, txt_v)
         plan = self._plan((img_q, img_k, img_v), None if txt_q is None else (txt_q, txt_k, txt_v), txt_lens)
         _, kernel = self._kernel(img_q)
+        sp = self.sp
         if self._fusable(plan, txt):
-            img_part, txt_part = self._fused_text(plan, kernel, (img_q, img_k, img_v), txt)
+            img_out, txt_part = self._fused_text(plan, kernel, (img_q, img_k, img_v), txt)
         else:
             img_part, txt_part = self._general(plan, kernel, (img_q, img_k, img_v), txt)
-        sp = self.sp
-        img_out = heads_to_seq(img_part, sp.ulysses_group, sp.ulysses_size) if sp.ulysses_size > 1 else img_part
+            img_out = heads_to_seq(img_part, sp.ulysses_group, sp.ulysses_size) if sp.ulysses_size > 1 else img_part
         if txt_q is None:
             return img_out, None
         if txt is None:  # text tensors with no tokens
@@ -217,12 +229,42 @@ class HybridAttention:
         hl = plan.heads // self.sp.ulysses_size
         return slice(self.sp.ulysses_rank * hl, (self.sp.ulysses_rank + 1) * hl)
 
+    def _chunks(self, plan: CallPlan) -> int:
+        """The largest chunk count <= ``head_chunks`` that divides this rank's heads."""
+        hl = plan.heads // self.sp.ulysses_size
+        return max(g for g in range(1, min(self.head_chunks, hl) + 1) if hl % g == 0)
+
     def _fused_text(self, plan, kernel, img, txt):
-        """[3, B, S+L, h, D] buffer: the all-to-all writes the image, we write this rank's text
-        heads behind it; queries are all rows, keys the prefix [image, valid text]. Saves the
-        three concatenation copies of the general path."""
-        sp, heads = self.sp, self._heads(plan)
-        qkv = seq_to_heads(img, sp.ulysses_group, sp.ulysses_size, extra_tokens=plan.txt_tokens)
+        """Pure Ulysses, in head chunks: -> (image output [B, C, H, D], text part [B, L, H/U, D]).
+
+        Every chunk's all-to-all is posted first; then, per chunk, wait for it, run the kernel and
+        post the output's all-to-all back. NCCL runs the transfers on its own stream, so chunk
+        g+1's input and chunk g's output move while chunk g's (g+1's) kernel runs; with one chunk
+        nothing overlaps. Per chunk, a [3, B, S+L, hs, D] buffer: the all-to-all writes the image,
+        we write this rank's text heads behind it; queries are all rows, keys the prefix [image,
+        valid text] (no concatenation copies)."""
+        sp, heads, chunks = self.sp, self._heads(plan), self._chunks(plan)
+        u, group = sp.ulysses_size, sp.ulysses_group
+        hs = (heads.stop - heads.start) // chunks
+        posted = [post_seq_to_heads(img, group, u, g, chunks) for g in range(chunks)]
+        back, txt_parts = [], []
+        for g, (recv, work) in enumerate(posted):
+            work.wait()
+            qkv = unpack_heads(recv, extra_tokens=plan.txt_tokens)
+            mine = slice(heads.start + g * hs, heads.start + (g + 1) * hs)
+            img_part, txt_part = self._attend_fused(plan, kernel, qkv, txt, mine)
+            back.append(post_heads_to_seq(img_part, group, u))
+            txt_parts.append(txt_part)
+        b, c = plan.batch, plan.local_tokens
+        img_out = img[0].new_empty((b, c, u, chunks, hs, plan.head_dim))
+        for g, (recv, work) in enumerate(back):
+            work.wait()
+            img_out[:, :, :, g] = recv.permute(1, 2, 0, 3, 4)  # recv[src]: head slice src's chunk g
+        return img_out.view(b, c, plan.heads, plan.head_dim), torch.cat(txt_parts, dim=2)
+
+    @staticmethod
+    def _attend_fused(plan, kernel, qkv, txt, heads: slice):
+        """One kernel call on ``qkv`` [3, B, S+L, h, D] whose last L rows get the text's ``heads``."""
         s = qkv.shape[2] - plan.txt_tokens
         for i, t in enumerate(txt):
             qkv[i, :, s:] = t[:, :, heads]

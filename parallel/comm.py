@@ -13,6 +13,36 @@ import torch
 import torch.distributed as dist
 
 
+def post_seq_to_heads(
+    xs: Sequence[torch.Tensor], group: dist.ProcessGroup, size: int, chunk: int = 0, chunks: int = 1
+) -> tuple[torch.Tensor, dist.Work]:
+    """Start the Ulysses all-to-all of head chunk ``chunk`` of ``chunks`` of several tensors.
+
+    ``n`` tensors ``[B, C, H, D]`` (this rank's C tokens, all heads); each rank's head slice
+    ``H/size`` is cut in ``chunks`` equal chunks of ``hs`` heads. Returns the receive buffer
+    ``[size (source rank), n, B, C, hs, D]`` and the collective's work: ``wait()`` before reading
+    the buffer (``unpack_heads``). On NCCL the transfer runs on its own stream, so it overlaps
+    kernels launched on the current stream meanwhile.
+    """
+    b, c, h, d = xs[0].shape
+    hs = h // size // chunks
+    send = xs[0].new_empty((size, len(xs), b, c, hs, d))
+    for i, x in enumerate(xs):
+        send[:, i].copy_(x.reshape(b, c, size, chunks, hs, d)[:, :, :, chunk].permute(2, 0, 1, 3, 4))
+    recv = torch.empty_like(send)
+    return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+
+def unpack_heads(recv: torch.Tensor, extra_tokens: int = 0) -> torch.Tensor:
+    """``post_seq_to_heads``'s buffer -> ``[n, B, size*C + extra_tokens, hs, D]``: the group's
+    tokens in group-rank order, followed by ``extra_tokens`` uninitialised rows for the caller."""
+    size, n, b, c, hs, d = recv.shape
+    out = recv.new_empty((n, b, size * c + extra_tokens, hs, d))
+    # recv[src] holds sequence chunk src: put it in front of the chunk's tokens.
+    out[:, :, : size * c].view(n, b, size, c, hs, d).copy_(recv.permute(1, 2, 0, 3, 4, 5))
+    return out
+
+
 def seq_to_heads(
     xs: Sequence[torch.Tensor], group: dist.ProcessGroup, size: int, extra_tokens: int = 0
 ) -> torch.Tensor:
@@ -22,26 +52,25 @@ def seq_to_heads(
     ``[n, B, size*C + extra_tokens, H/size, D]``: the group's size*C tokens in group-rank order for
     this rank's heads, followed by ``extra_tokens`` uninitialised rows for the caller to fill.
     """
-    b, c, h, d = xs[0].shape
-    hl = h // size
-    send = xs[0].new_empty((size, len(xs), b, c, hl, d))
-    for i, x in enumerate(xs):
-        send[:, i].copy_(x.reshape(b, c, size, hl, d).permute(2, 0, 1, 3, 4))
+    recv, work = post_seq_to_heads(xs, group, size)
+    work.wait()
+    return unpack_heads(recv, extra_tokens)
+
+
+def post_heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> tuple[torch.Tensor, dist.Work]:
+    """Start the inverse Ulysses all-to-all of ``x`` ``[B, size*C, h, D]``. Returns the receive
+    buffer ``[size (source rank = head slice), B, C, h, D]`` and the work to ``wait()`` on."""
+    b, s, hl, d = x.shape
+    send = x.reshape(b, size, s // size, hl, d).permute(1, 0, 2, 3, 4).contiguous()  # [dst chunk, B, C, h, D]
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    out = recv.new_empty((len(xs), b, size * c + extra_tokens, hl, d))
-    # recv[src] holds sequence chunk src: put it in front of the chunk's tokens.
-    out[:, :, : size * c].view(len(xs), b, size, c, hl, d).copy_(recv.permute(1, 2, 0, 3, 4, 5))
-    return out
+    return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
 
 
 def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:
     """Inverse Ulysses all-to-all: ``[B, size*C, h, D]`` -> ``[B, C, size*h, D]``."""
-    b, s, hl, d = x.shape
-    c = s // size
-    send = x.reshape(b, size, c, hl, d).permute(1, 0, 2, 3, 4).contiguous()  # [dst chunk, B, C, h, D]
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    recv, work = post_heads_to_seq(x, group, size)
+    work.wait()
+    _, b, c, hl, d = recv.shape
     # recv[src] holds head slice src of this rank's tokens.
     return recv.permute(1, 2, 0, 3, 4).reshape(b, c, size * hl, d)
 

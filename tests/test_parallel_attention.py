@@ -12,7 +12,7 @@ from mp_util import run_ranks
 pytestmark = pytest.mark.multiprocess
 
 TOL = 1e-5
-HEADS, HEAD_DIM = 4, 8
+HEADS, HEAD_DIM = 8, 8  # 2 heads per rank at ulysses 4: head chunks of 1 head
 
 # name -> (batch, valid image tokens, text tokens, valid text per item or None = no text tensors)
 CASES = {
@@ -78,15 +78,17 @@ def _all_factorisations(rank, world, heads):
     out = []
     for u, r in sp_factorisations(world, heads):
         sp = SequenceParallel.from_mesh(build_parallel_mesh(ParallelDims(ring=r, ulysses=u, world_size=world)))
-        for case in CASES:
-            res = _run_case(HybridAttention, sp, case, check_inputs="always")
-            out.append({"u": u, "r": r, **res})
+        # Pure Ulysses also in 2 head chunks (the pipelined all-to-alls of the fused text path).
+        for chunks in (1, 2) if r == 1 and u > 1 else (1,):
+            for case in CASES:
+                res = _run_case(HybridAttention, sp, case, check_inputs="always", head_chunks=chunks)
+                out.append({"u": u, "r": r, "chunks": chunks, **res})
     return out
 
 
 def _assert_results(per_rank):
     for row in zip(*per_rank, strict=True):  # the same (u, r, case) on every rank
-        tag = f"u{row[0]['u']}r{row[0]['r']} {row[0]['case']}"
+        tag = f"u{row[0]['u']}r{row[0]['r']} chunks {row[0].get('chunks', 1)} {row[0]['case']}"
         for res in row:
             assert res["img_err"] < TOL, f"{tag}: image rel err {res['img_err']:.2e}"
             if "txt_err" in res:
@@ -103,8 +105,8 @@ def _assert_results(per_rank):
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_factorisation_matches_single_process(world):
     per_rank = run_ranks(_all_factorisations, world, args=(HEADS,), timeout=150)
-    combos = {(res["u"], res["r"]) for res in per_rank[0]}
-    assert combos == {(u, world // u) for u in (1, 2, 4) if world % u == 0}
+    combos = {(res["u"], res["r"], res["chunks"]) for res in per_rank[0]}
+    assert combos == {(u, world // u, 1) for u in (1, 2, 4) if world % u == 0} | {(world, 1, 2)}
     _assert_results(per_rank)
 
 
