@@ -4,31 +4,15 @@ the same size, and the latents' relative error against the one-chunk run; a tabl
 
 from __future__ import annotations
 
-import json
-import statistics
-from datetime import date
 from pathlib import Path
 
-from gpu_summary_util import append_measured, latents_rel_err, one, parse_args
+from gpu_summary_util import append_measured, latents_rel_err, one, parse_args, record_row
 
 
 def _row(name: str, runs: Path, kind: str) -> dict:
-    record_path = one(runs / name, "*.json")
-    if record_path is None:
-        return {"run": name, "status": "failed (see its log)"}
-    rec = json.loads(record_path.read_text())
-    topo = rec["topology"]
-    chunks = int(name.split("chunks")[1]) if "chunks" in name else None
-    return {
-        "kind": kind, "date": date.today().isoformat(), "device": rec["versions"].get("gpu", "?"),
-        "gpus": topo["world_size"], "model": rec["model"]["preset"], "size": "x".join(map(str, rec["size"])),
-        "frames": rec["frames"], "backend": "native", "ulysses": topo["ulysses"], "ring": topo["ring"],
-        "head_chunks": chunks, "run": name,
-        # The first step builds kernel plans (cuDNN, NCCL): the median is over the later ones.
-        "seconds": statistics.median(rec["step_s"][1:] or rec["step_s"]), "step_s": rec["step_s"],
-        "peak_gib": max(p.get("gpu_device_peak_gib", 0.0) for p in rec["peak_memory_per_rank"]),
-        "command": rec["command"],
-    }
+    row, _ = record_row(runs, name, kind, "gpu_device_peak_gib")
+    row["head_chunks"] = int(name.split("chunks")[1]) if "chunks" in name and "seconds" in row else None
+    return row
 
 
 def main() -> None:

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import json
-import statistics
-from datetime import date
 from pathlib import Path
 
-from gpu_summary_util import append_measured, latents_rel_err, one, parse_args
+from gpu_summary_util import append_measured, latents_rel_err, one, parse_args, record_row
 
 # run name -> (reference run, gpus, ulysses, ring, cfg)
 RUNS = {
@@ -27,21 +24,11 @@ RUNS = {
 def summarise(runs: Path, kind: str) -> list[dict]:
     rows = []
     for name, (ref, gpus, u, r, c) in RUNS.items():
-        record_path = one(runs / name, "*.json")
-        if record_path is None:
-            rows.append({"run": name, "status": "failed (see its log)"})
+        row, rec = record_row(runs, name, kind, "gpu_allocated_gib")
+        if rec is None:
+            rows.append(row)
             continue
-        rec = json.loads(record_path.read_text())
-        row = {
-            "kind": kind, "date": date.today().isoformat(), "device": rec["versions"].get("gpu", "?"),
-            "gpus": gpus, "model": rec["model"]["preset"], "size": "x".join(map(str, rec["size"])),
-            "frames": rec["frames"], "backend": "native", "ulysses": u, "ring": r, "cfg": c,
-            # The first step builds kernel plans (cuDNN, NCCL): the median is over the later ones.
-            "steps": rec["steps"], "seconds": statistics.median(rec["step_s"][1:] or rec["step_s"]),
-            "step_s": rec["step_s"],
-            "peak_gib": max(p.get("gpu_allocated_gib", 0.0) for p in rec["peak_memory_per_rank"]),
-            "timings_s": rec["timings_s"], "command": rec["command"], "run": name,
-        }
+        row |= {"gpus": gpus, "ulysses": u, "ring": r, "cfg": c}
         lat = one(runs / name, "*.latents.safetensors")
         ref_lat = one(runs / ref, "*.latents.safetensors") if ref else None
         if lat is not None and ref_lat is not None:

@@ -5,37 +5,25 @@ the latents against the plain bf16 run of the same size; a table and JSON lines.
 
 from __future__ import annotations
 
-import json
-import statistics
-from datetime import date
 from pathlib import Path
 
-from gpu_summary_util import append_measured, latents_rel_err, one, parse_args
+from gpu_summary_util import append_measured, latents_rel_err, one, parse_args, record_row
 
 REFERENCE = {"720x1280": "plain", "544x960": "plain_544"}
 
 
 def _row(name: str, runs: Path, kind: str) -> dict:
-    record_path = one(runs / name, "*.json")
-    if record_path is None:
-        return {"run": name, "status": "failed (see its log)"}
-    rec = json.loads(record_path.read_text())
-    peaks = rec["peak_memory_per_rank"]
-    mem, topo = rec.get("memory", {}), rec["topology"]
-    size = "x".join(map(str, rec["size"]))
-    row = {
-        "kind": kind, "date": date.today().isoformat(), "device": rec["versions"].get("gpu", "?"),
-        "gpus": topo["world_size"], "model": rec["model"]["preset"], "size": size, "frames": rec["frames"],
-        "backend": "native", "ulysses": topo["ulysses"], "ring": topo["ring"], "run": name,
-        # The first step builds kernel plans (cuDNN, NCCL): the median is over the later ones.
-        "seconds": statistics.median(rec["step_s"][1:] or rec["step_s"]), "step_s": rec["step_s"],
-        "peak_gib": max(p.get("gpu_device_peak_gib", 0.0) for p in peaks),
+    row, rec = record_row(runs, name, kind, "gpu_device_peak_gib")
+    if rec is None:
+        return row
+    peaks, mem = rec["peak_memory_per_rank"], rec.get("memory", {})
+    size = row["size"]
+    row |= {
         "allocated_gib": max(p.get("gpu_allocated_gib", 0.0) for p in peaks),
         "host_pss_gib": sum(p.get("host_pss_gib", 0.0) for p in peaks),
         "placement": (mem.get("used") or {}).get("label"), "budget_gib": mem.get("budget_gib"),
         "estimate_gib": (mem.get("used") or {}).get("peak_bytes", 0) / 2**30,
         "fallback_after_oom": mem.get("fallback_after_oom"), "host_store": mem.get("host_store"),
-        "timings_s": rec["timings_s"], "command": rec["command"],
     }
     ref = REFERENCE.get(size)
     lat, ref_lat = one(runs / name, "*.latents.safetensors"), one(runs / ref, "*.latents.safetensors") if ref else None

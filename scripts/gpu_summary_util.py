@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from datetime import date
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -14,6 +16,27 @@ def one(folder: Path, pattern: str) -> Path | None:
     """The first file of ``folder`` matching ``pattern`` (sorted), or None."""
     found = sorted(folder.glob(pattern))
     return found[0] if found else None
+
+
+def record_row(runs: Path, name: str, kind: str, peak_key: str) -> tuple[dict, dict | None]:
+    """The fields every benchmark row has, from run ``name``'s JSON record: ``(row, record)``, or
+    ``({"run", "status"}, None)`` when the run left no record. ``peak_key``: which per-rank peak
+    (``gpu_allocated_gib`` or ``gpu_device_peak_gib``) becomes ``peak_gib``, the worst rank's."""
+    record_path = one(runs / name, "*.json")
+    if record_path is None:
+        return {"run": name, "status": "failed (see its log)"}, None
+    rec = json.loads(record_path.read_text())
+    topo = rec["topology"]
+    row = {
+        "kind": kind, "date": date.today().isoformat(), "device": rec["versions"].get("gpu", "?"),
+        "gpus": topo["world_size"], "model": rec["model"]["preset"], "size": "x".join(map(str, rec["size"])),
+        "frames": rec["frames"], "backend": "native", "ulysses": topo["ulysses"], "ring": topo["ring"], "run": name,
+        # The first step builds kernel plans (cuDNN, NCCL): the median is over the later ones.
+        "steps": rec["steps"], "seconds": statistics.median(rec["step_s"][1:] or rec["step_s"]), "step_s": rec["step_s"],
+        "peak_gib": max(p.get(peak_key, 0.0) for p in rec["peak_memory_per_rank"]),
+        "timings_s": rec["timings_s"], "command": rec["command"],
+    }
+    return row, rec
 
 
 def latents_rel_err(path: Path, ref: Path) -> float:
