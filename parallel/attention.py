@@ -14,7 +14,8 @@ Algorithm on SP group ring x ulysses (U, R):
     chunk for H/U heads: [B, U*C, H/U, D]; text is sliced to the same heads locally.
  2. R == 1: one kernel call, image and text queries against [valid image keys, valid text keys]
     (with one text length and no padding the text rows are written straight behind the image
-    rows of the all-to-all's output buffer, so no concatenation copy is made).
+    rows of the all-to-all's output buffer, so no concatenation copy is made; that path can also
+    run in head chunks whose all-to-alls overlap the other chunks' kernels, ``head_chunks``).
     R > 1: ring over the ring group (``parallel/ring.py``): K/V chunks travel by async P2P while
     the kernel runs; partials merge by an fp32 log-sum-exp. Text queries attend to this rank's
     chunk; the ring ranks' text partials merge by one all-gather.
@@ -127,6 +128,19 @@ def agree_across_ranks(plan: CallPlan | None, error: str | None, sp: SequencePar
         raise ValueError(f"attention inputs differ across SP ranks: {listing}")
 
 
+def _head_chunks(given: int | None) -> int:
+    """``given``, else ``LAUNCHER_ULYSSES_CHUNKS``, else ``DEFAULT_HEAD_CHUNKS``; a positive int."""
+    raw = os.environ.get("LAUNCHER_ULYSSES_CHUNKS", str(DEFAULT_HEAD_CHUNKS)) if given is None else given
+    try:
+        chunks = int(raw)
+    except ValueError:
+        chunks = 0
+    if chunks < 1:
+        source = "head_chunks" if given is not None else "LAUNCHER_ULYSSES_CHUNKS"
+        raise ValueError(f"{source} must be a positive integer, got {raw!r}")
+    return chunks
+
+
 class HybridAttention:
     """Joint attention over Ulysses x Ring sequence parallel (see the module docstring).
 
@@ -161,11 +175,7 @@ class HybridAttention:
         self.kernel_name = kernel
         self.check_mode = check_inputs
         self.fuse_text = fuse_text  # False: always the general path (A/B benchmarks, tests)
-        if head_chunks is None:
-            head_chunks = int(os.environ.get("LAUNCHER_ULYSSES_CHUNKS", DEFAULT_HEAD_CHUNKS))
-        if head_chunks < 1:
-            raise ValueError(f"head_chunks must be >= 1, got {head_chunks}")
-        self.head_chunks = head_chunks
+        self.head_chunks = _head_chunks(head_chunks)
         self.num_valid_tokens = num_valid_tokens
         self._kernels: dict[tuple, tuple[str, Kernel]] = {}
         self._calls = 0

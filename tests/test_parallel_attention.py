@@ -193,3 +193,16 @@ def test_bad_input_raises_on_every_rank_without_hanging():
         assert "SP rank 1: image shard has 3 tokens, but 8 valid tokens over 2 ranks need 4" in errors["one_rank_shard"]
         assert "inputs differ across SP ranks" in errors["one_rank_text"]
         assert (img_shape, txt_shape) == ((1, 4, 4, 8), (1, 3, 4, 8))
+
+
+def test_head_chunks_from_the_environment_must_be_a_positive_integer(monkeypatch):
+    from parallel.attention import HybridAttention
+    from parallel.sequence import SequenceParallel
+
+    monkeypatch.setenv("LAUNCHER_ULYSSES_CHUNKS", "3")
+    assert HybridAttention(SequenceParallel.single()).head_chunks == 3
+    assert HybridAttention(SequenceParallel.single(), head_chunks=2).head_chunks == 2  # the argument wins
+    for bad in ("0", "two"):
+        monkeypatch.setenv("LAUNCHER_ULYSSES_CHUNKS", bad)
+        with pytest.raises(ValueError, match=f"LAUNCHER_ULYSSES_CHUNKS must be a positive integer, got '{bad}'"):
+            HybridAttention(SequenceParallel.single())
