@@ -48,6 +48,8 @@ from .plan import topology_table
 from .record import PhaseTimer, command_line, device_used_bytes, now_iso, peak_memory, versions
 
 log = logging.getLogger("launcher")
+# The two names torch reads its allocator settings from.
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
         memory = {**job.memory.plan.to_dict(), "reason": job.memory.reason, "used": plan.to_dict(),
                   "fallback_after_oom": oom, "host_store": host,
                   "budget_gib": None if job.memory.budget is None else job.memory.budget / 2**30,
-                  "allocator_conf": os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))}
+                  "allocator_conf": next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), None)}
         written = _decode_and_write(job, paths, latents, step_s, timer, peaks, plan, memory)
     if mesh is not None:
         torch.distributed.barrier()  # other ranks wait (with the timeout) for the writers
@@ -260,7 +262,7 @@ def _expandable_segments_under_budget(cfg: RunConfig) -> None:
     an allocator configuration the user set wins."""
     if cfg.max_gpu_memory is None or torch.cuda.is_initialized():
         return
-    if not ({"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & os.environ.keys()):
+    if not any(v in os.environ for v in ALLOC_CONF_VARS):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 

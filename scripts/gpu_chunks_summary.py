@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpu_summary_util import append_measured, latents_rel_err, one, parse_args, record_row
+from gpu_summary_util import append_measured, cell, parse_args, print_table, record_row, runs_rel_err
 
 
 def _row(name: str, runs: Path, kind: str) -> dict:
@@ -27,20 +27,14 @@ def main() -> None:
         ref = one_chunk.get(r["size"])
         if r["head_chunks"] and ref is not None and ref is not r:
             r["vs_one_chunk"] = r["seconds"] / ref["seconds"]
-            lat, ref_lat = one(args.runs / r["run"], "*.latents.safetensors"), one(args.runs / ref["run"], "*.latents.safetensors")
-            if lat is not None and ref_lat is not None:
-                r["rel_err_vs_one_chunk"] = latents_rel_err(lat, ref_lat)
+            if (err := runs_rel_err(args.runs, r["run"], ref["run"])) is not None:
+                r["rel_err_vs_one_chunk"] = err
     append_measured(rows, args.jsonl)
-    print("| run | size | GPUs | head chunks | s/step | vs 1 chunk | efficiency | peak GiB | latents rel err vs 1 chunk |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        if "seconds" not in r:
-            print(f"| {r['run']} | {r['status']} |")
-            continue
-        fmt = lambda key, spec: format(r[key], spec) if key in r else "-"  # noqa: E731
-        print(f"| {r['run']} | {r['size']}x{r['frames']} | {r['gpus']} | {r['head_chunks'] or '-'} | {r['seconds']:.3f} | "
-              f"{fmt('vs_one_chunk', '.3f')} | {fmt('efficiency', '.1%')} | {r['peak_gib']:.1f} | {fmt('rel_err_vs_one_chunk', '.2e')} |")
-
+    header = ["run", "size", "GPUs", "head chunks", "s/step", "vs 1 chunk", "efficiency", "peak GiB", "latents rel err vs 1 chunk"]
+    print_table(header, rows, lambda r: [
+        r["run"], f"{r['size']}x{r['frames']}", str(r["gpus"]), str(r["head_chunks"] or "-"), f"{r['seconds']:.3f}",
+        cell(r, "vs_one_chunk", ".3f"), cell(r, "efficiency", ".1%"), f"{r['peak_gib']:.1f}",
+        cell(r, "rel_err_vs_one_chunk", ".2e")])
 
 if __name__ == "__main__":
     main()

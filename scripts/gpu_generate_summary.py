@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpu_summary_util import append_measured, latents_rel_err, one, parse_args, record_row
+from gpu_summary_util import append_measured, cell, parse_args, print_table, record_row, runs_rel_err
 
 # run name -> (reference run, gpus, ulysses, ring, cfg)
 RUNS = {
@@ -29,10 +29,8 @@ def summarise(runs: Path, kind: str) -> list[dict]:
             rows.append(row)
             continue
         row |= {"gpus": gpus, "ulysses": u, "ring": r, "cfg": c}
-        lat = one(runs / name, "*.latents.safetensors")
-        ref_lat = one(runs / ref, "*.latents.safetensors") if ref else None
-        if lat is not None and ref_lat is not None:
-            row["rel_err_vs_1gpu"] = latents_rel_err(lat, ref_lat)
+        if (err := runs_rel_err(runs, name, ref)) is not None:
+            row["rel_err_vs_1gpu"] = err
         rows.append(row)
     return rows
 
@@ -41,16 +39,10 @@ def main() -> None:
     args = parse_args(__doc__)
     rows = summarise(args.runs, args.kind)
     append_measured(rows, args.jsonl)
-    print("| run | model | size x frames | gpus | u x r | cfg | s/step (median) | peak GiB | rel err vs 1 GPU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        if "seconds" not in row:
-            print(f"| {row['run']} | {row['status']} |")
-            continue
-        err = f"{row['rel_err_vs_1gpu']:.2e}" if "rel_err_vs_1gpu" in row else "-"
-        print(f"| {row['run']} | {row['model']} | {row['size']}x{row['frames']} | {row['gpus']} | "
-              f"{row['ulysses']}x{row['ring']} | {row['cfg']} | {row['seconds']:.3f} | {row['peak_gib']:.1f} | {err} |")
-
+    header = ["run", "model", "size x frames", "gpus", "u x r", "cfg", "s/step (median)", "peak GiB", "rel err vs 1 GPU"]
+    print_table(header, rows, lambda r: [
+        r["run"], r["model"], f"{r['size']}x{r['frames']}", str(r["gpus"]), f"{r['ulysses']}x{r['ring']}", str(r["cfg"]),
+        f"{r['seconds']:.3f}", f"{r['peak_gib']:.1f}", cell(r, "rel_err_vs_1gpu", ".2e")])
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpu_summary_util import append_measured, latents_rel_err, one, parse_args, record_row
+from gpu_summary_util import append_measured, cell, parse_args, print_table, record_row, runs_rel_err
 
 REFERENCE = {"720x1280": "plain", "544x960": "plain_544"}
 
@@ -26,9 +26,8 @@ def _row(name: str, runs: Path, kind: str) -> dict:
         "fallback_after_oom": mem.get("fallback_after_oom"), "host_store": mem.get("host_store"),
     }
     ref = REFERENCE.get(size)
-    lat, ref_lat = one(runs / name, "*.latents.safetensors"), one(runs / ref, "*.latents.safetensors") if ref else None
-    if lat is not None and ref_lat is not None and ref != name:
-        row["rel_err_vs_bf16"] = latents_rel_err(lat, ref_lat)
+    if ref != name and (err := runs_rel_err(runs, name, ref)) is not None:
+        row["rel_err_vs_bf16"] = err
     return row
 
 
@@ -37,18 +36,13 @@ def main() -> None:
     rows = [_row(d.name, args.runs, args.kind) for d in sorted(args.runs.iterdir()) if d.is_dir()]
     append_measured(rows, args.jsonl)
     base = {r["size"]: r["seconds"] for r in rows if r.get("run") in REFERENCE.values() and "seconds" in r}
-    print("| run | size | placement | s/step | vs plain | peak GiB (worst rank) | estimate GiB | host PSS GiB (node) | rel err vs bf16 | OOM fallback |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        if "seconds" not in r:
-            print(f"| {r['run']} | {r['status']} |")
-            continue
-        ratio = f"{r['seconds'] / base[r['size']]:.3f}" if r["size"] in base else "-"
-        err = f"{r['rel_err_vs_bf16']:.2e}" if "rel_err_vs_bf16" in r else "-"
-        print(f"| {r['run']} | {r['size']}x{r['frames']} | {r['placement']} | {r['seconds']:.3f} | {ratio} | "
-              f"{r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['host_pss_gib']:.1f} | {err} | "
-              f"{'yes' if r['fallback_after_oom'] else 'no'} |")
-
+    header = ["run", "size", "placement", "s/step", "vs plain", "peak GiB (worst rank)", "estimate GiB",
+              "host PSS GiB (node)", "rel err vs bf16", "OOM fallback"]
+    print_table(header, rows, lambda r: [
+        r["run"], f"{r['size']}x{r['frames']}", str(r["placement"]), f"{r['seconds']:.3f}",
+        f"{r['seconds'] / base[r['size']]:.3f}" if r["size"] in base else "-", f"{r['peak_gib']:.2f}",
+        f"{r['estimate_gib']:.2f}", f"{r['host_pss_gib']:.1f}", cell(r, "rel_err_vs_bf16", ".2e"),
+        "yes" if r["fallback_after_oom"] else "no"])
 
 if __name__ == "__main__":
     main()

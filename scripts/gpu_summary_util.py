@@ -45,6 +45,26 @@ def latents_rel_err(path: Path, ref: Path) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def runs_rel_err(runs: Path, name: str, ref: str | None) -> float | None:
+    """Run ``name``'s latents against run ``ref``'s, or None when either left none."""
+    lat = one(runs / name, "*.latents.safetensors")
+    ref_lat = one(runs / ref, "*.latents.safetensors") if ref else None
+    return None if lat is None or ref_lat is None else latents_rel_err(lat, ref_lat)
+
+
+def cell(row: dict, key: str, spec: str) -> str:
+    """``row[key]`` formatted, or "-" when the row has no such value."""
+    return format(row[key], spec) if row.get(key) is not None else "-"
+
+
+def print_table(header: list[str], rows: list[dict], cells) -> None:
+    """A Markdown table: ``cells(row)`` for each measured row, the status for a failed one."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for row in rows:
+        print(f"| {row['run']} | {row['status']} |" if "seconds" not in row else "| " + " | ".join(cells(row)) + " |")
+
+
 def parse_args(doc: str | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--runs", type=Path, required=True)
