@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
+from .config import NOISE_SOURCES, PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
 from .memory_plan import parse_memory
 from .plan import add_plan_args
 from .sweep_spec import add_sweep_args
@@ -27,6 +27,12 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--text-encoder-precision", default="auto", dest="text_dtype",
+                   help="auto (fp16 on GPU, as the release; fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--noise", default="cpu", choices=NOISE_SOURCES,
+                   help="cpu: a CPU generator in fp32, the same noise on every platform (default); release: "
+                        "drawn as the HunyuanVideo release does (a generator on the GPU, in the text encoder's "
+                        "dtype), so a seed reproduces the release's video")
     p.add_argument("--save-latents", action="store_true", help="also write the final latents (.safetensors)")
     p.add_argument("--save-grid", action="store_true", help="also write a PNG grid of frames")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -82,7 +88,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.prompts_file is not None:
         prompts = read_prompts_file(args.prompts_file)
     else:
-        prompts = (args.prompt,) if args.prompt is not None else ()
+        # The release strips surrounding whitespace: it changes the tokens, so the video.
+        prompts = (args.prompt.strip(),) if args.prompt is not None else ()
     height, width = parse_size(args.size) if args.size else (defaults.height, defaults.width)
     return RunConfig(
         preset=args.preset,
@@ -97,13 +104,15 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         flow_shift=args.flow_shift if args.flow_shift is not None else defaults.flow_shift,
         output_dir=args.output_dir,
         dtype=args.dtype,
+        text_dtype=args.text_dtype,
+        noise=args.noise,
         device=args.device,
         save_latents=args.save_latents,
         save_grid=args.save_grid,
         overwrite=args.overwrite,
         fps=args.fps,
         vae_tiling=args.vae_tiling,
-        negative_prompt=args.negative_prompt,
+        negative_prompt=None if args.negative_prompt is None else args.negative_prompt.strip(),
         cfg_scale=args.cfg_scale,
         ulysses=args.ulysses,
         ring=args.ring,

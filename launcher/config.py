@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPES = ("bf16", "fp16", "fp32")
+NOISE_SOURCES = ("cpu", "release")  # models.sampling.initial_noise
 DEVICES = ("auto", "cpu", "cuda")
 VAE_TILINGS = ("auto", "release", "small", "off")
 SIZE_MULTIPLE = 16
@@ -51,6 +52,8 @@ class RunConfig:
     flow_shift: float
     output_dir: Path
     dtype: str = "auto"
+    text_dtype: str = "auto"  # auto: fp16 on GPU (the release's --text-encoder-precision), fp32 on CPU
+    noise: str = "cpu"  # "release": the release's GPU generator, so its seeds reproduce its videos
     device: str = "auto"
     save_latents: bool = False
     save_grid: bool = False
@@ -132,6 +135,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--vae-tiling {cfg.vae_tiling!r}; valid: {', '.join(VAE_TILINGS)}")
     if cfg.dtype not in ("auto", *DTYPES):
         raise ConfigError(f"--dtype {cfg.dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    if cfg.text_dtype not in ("auto", *DTYPES):
+        raise ConfigError(f"--text-encoder-precision {cfg.text_dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    if cfg.noise not in NOISE_SOURCES:
+        raise ConfigError(f"--noise {cfg.noise!r}; valid: {', '.join(NOISE_SOURCES)}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"--device {cfg.device!r}; valid: {', '.join(DEVICES)}")
     if not cfg.prompts or any(not p.strip() for p in cfg.prompts):

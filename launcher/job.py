@@ -64,6 +64,7 @@ class Job:
     world: int
     device: torch.device
     dtype: torch.dtype
+    text_dtype: torch.dtype  # the text encoders' (and, with --noise release, the noise's)
     attention: AttentionChoice | None = None  # set once the model has its attention
 
 
@@ -107,7 +108,8 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, list[dict[
     memory = plan_memory(cfg, dit, world, device, dtype)
     check_attention(cfg, dit, memory.topology, device)
     loaded = ph.load_dit_weights(cfg, dtype, memory.plan.placement.fp8)
-    return Job(cfg, dit, memory.topology, memory, rank, world, device, dtype), paths, loaded
+    job = Job(cfg, dit, memory.topology, memory, rank, world, device, dtype, ph.text_dtype(cfg, device))
+    return job, paths, loaded
 
 
 def plan_memory(cfg: RunConfig, dit: HunyuanVideoConfig, world: int, device: torch.device, dtype) -> JobMemory:
@@ -182,7 +184,7 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
     _cap_memory(job)
     with timer.phase("text_encode"):
         stream_text = job.memory.plan.placement.stream_text
-        conds = ph.encode_prompts(cfg, dit, job.device, job.dtype, stream=stream_text) if job.rank == 0 else None
+        conds = ph.encode_prompts(cfg, dit, job.device, job.text_dtype, stream=stream_text) if job.rank == 0 else None
         if mesh is not None:
             conds = broadcast_object(conds)
     problem = text_problem(cfg.attention, [int(c.mask.sum()) for c in conds], job.topology.topology.sp)
@@ -309,7 +311,7 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
     else:
         velocity = guided_velocity(model, rope, cond, embedded_guidance=guidance, negative=negative,
                                    cfg_scale=cfg.cfg_scale)
-    tokens = shard.shard(ph.noise_tokens(cfg, dit, cfg.seed + i)).to(device)
+    tokens = shard.shard(ph.noise_tokens(cfg, dit, cfg.seed + i, device, job.text_dtype)).to(device)
     sp_group = mesh.group(*SP_AXES) if mesh is not None else None
     with tqdm(total=cfg.steps, desc=f"prompt {i + 1}/{len(cfg.prompts)}", unit="step",
               disable=job.rank != 0, leave=False) as bar:
@@ -354,6 +356,30 @@ def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks
     return written
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def conventions(job: Job) -> dict:
+    """The numeric conventions that decide the output, as this run applied them (the release's
+    unless a flag chose otherwise)."""
+    from models.sampling import embedded_guidance_tensor
+
+    guidance = None
+    if job.dit.guidance_embed:
+        guidance = float(embedded_guidance_tensor(job.cfg.guidance, 1, job.dtype)[0])
+    noise = ({"source": "release", "generator": job.device.type, "dtype": _dtype_name(job.text_dtype)}
+             if job.cfg.noise == "release" else {"source": "cpu", "generator": "cpu", "dtype": "float32"})
+    return {
+        "embedded_guidance_value": guidance,  # scale x 1000 as rounded in the DiT's dtype
+        "prompt": "stripped of surrounding whitespace",
+        "noise": noise,
+        "text_encoder_dtype": _dtype_name(job.text_dtype),
+        "vae_dtype": _dtype_name(ph.vae_dtype_for(job.device)),
+        "frames_to_uint8": "clamp to [0, 1] in the VAE's dtype, x 255 in fp32, truncate",
+    }
+
+
 def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list[dict], paths) -> dict:
     """The JSON record beside video `i`."""
     cfg, topo = job.cfg, job.topology.topology
@@ -371,6 +397,7 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "fps": cfg.fps,
         "dtype": str(job.dtype).removeprefix("torch."),
         "device": str(job.device),
+        "conventions": conventions(job),
         "topology": {"world_size": job.world, "dp": topo.dp, "cfg": topo.cfg, "ring": topo.ring,
                      "ulysses": topo.ulysses, "source": job.topology.source},
         "topology_table": table_path(cfg),

@@ -31,6 +31,15 @@ def resolve_device(cfg: RunConfig, local_rank: int = 0) -> tuple[torch.device, t
     return device, _DTYPES[name]
 
 
+def text_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    """The text encoders' dtype: fp16 on GPU unless asked otherwise (the release's default
+    `--text-encoder-precision`; its states feed the DiT and, with `--noise release`, the noise's
+    dtype), fp32 on the CPU."""
+    if cfg.text_dtype != "auto":
+        return _DTYPES[cfg.text_dtype]
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def output_paths(cfg: RunConfig, index: int) -> dict[str, Path]:
     """Where prompt `index`'s files go; refuses up front to overwrite unless --overwrite."""
     from .video import output_stem
@@ -170,11 +179,16 @@ def build_dit(cfg: RunConfig, loaded, device, dtype, placement, share=None):
     return model.eval(), placed
 
 
+def vae_dtype_for(device: torch.device) -> torch.dtype:
+    """fp16 on GPU whatever --dtype is (the release's --vae-precision default), fp32 on the CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def load_vae_for(cfg: RunConfig, dit_cfg: HunyuanVideoConfig, device):
     """The release's VAE from --model-dir, else seeded random weights of the preset's VAE size."""
     from models.hunyuan_video.vae import VAE_PRESETS, HunyuanVideoVAE, load_vae
 
-    vae_dtype = torch.float16 if device.type == "cuda" else torch.float32  # the release decodes in fp16
+    vae_dtype = vae_dtype_for(device)
     if cfg.model_dir is not None:
         return load_vae(cfg.model_dir, device=device, dtype=vae_dtype)
     with torch.device("meta"):
@@ -184,10 +198,13 @@ def load_vae_for(cfg: RunConfig, dit_cfg: HunyuanVideoConfig, device):
     return vae.to(vae_dtype).eval().requires_grad_(False)
 
 
-def noise_tokens(cfg: RunConfig, dit_cfg: HunyuanVideoConfig, seed: int) -> torch.Tensor:
-    """The whole video's noise as tokens `[1, S, C*pt*ph*pw]` (fp32, CPU): identical on every rank."""
+def noise_tokens(cfg: RunConfig, dit_cfg: HunyuanVideoConfig, seed: int, device, dtype) -> torch.Tensor:
+    """The whole video's noise as tokens `[1, S, C*pt*ph*pw]` (fp32, CPU): identical on every rank.
+    With `--noise release` it is drawn on ``device`` in ``dtype`` (the text states' dtype), as the
+    release's pipeline draws its latents `[1, C, T', H/8, W/8]`."""
     shape = (1, dit_cfg.in_channels, *dit_cfg.latent_grid(cfg.height, cfg.width, cfg.frames))
-    return patchify(initial_noise(shape, seed), dit_cfg.patch_size)
+    noise = initial_noise(shape, seed, source=cfg.noise, device=device, dtype=dtype)
+    return patchify(noise, dit_cfg.patch_size)
 
 
 def tokens_to_latents(tokens: torch.Tensor, cfg: RunConfig, dit_cfg: HunyuanVideoConfig) -> torch.Tensor:
@@ -196,13 +213,15 @@ def tokens_to_latents(tokens: torch.Tensor, cfg: RunConfig, dit_cfg: HunyuanVide
 
 
 def decode(vae, latents: torch.Tensor, tiling: str) -> torch.Tensor:
-    """DiT latents `[1, C, T, h, w]` -> video `[3, F, H, W]` in [-1, 1] (fp32, CPU)."""
+    """DiT latents `[1, C, T, h, w]` -> video `[3, F, H, W]` in [-1, 1] on the CPU, in the VAE's
+    dtype (fp16 on GPU): the release maps it to [0, 1] in that dtype before converting to uint8,
+    so `launcher.video.frame_uint8` does too."""
     from models.hunyuan_video.vae_tiling import TILING_PRESETS
 
     z = latents.to(vae.post_quant_conv.weight.device) / vae.config.scaling_factor
     mode = "release" if tiling == "auto" else tiling
     video = vae.decode(z, tiling=None if mode == "off" else TILING_PRESETS[mode])
-    return video[0].float().cpu()
+    return video[0].cpu()
 
 
 def write_outputs(cfg: RunConfig, paths: dict[str, Path], video: torch.Tensor | None, latents: torch.Tensor) -> None:

@@ -120,9 +120,12 @@ def check_video(video: torch.Tensor) -> None:
 
 
 def frame_uint8(video: torch.Tensor, index: int) -> np.ndarray:
-    """Frame `index` of `[3, F, H, W]` in [-1, 1] as `[H, W, 3]` uint8 RGB. Converted on the
-    video's device and one frame at a time, so only uint8 frames cross to the host."""
-    frame = ((video[:, index].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    """Frame `index` of `[3, F, H, W]` in [-1, 1] as `[H, W, 3]` uint8 RGB, converted as the
+    HunyuanVideo release (and diffusers' `export_to_video`) do: mapped to [0, 1] and clamped in
+    the video's own dtype, then `x * 255` in fp32 truncated (not rounded) to uint8. Converted on
+    the video's device and one frame at a time, so only uint8 frames cross to the host."""
+    unit = (video[:, index] / 2 + 0.5).clamp(0, 1).float()
+    frame = (unit * 255).to(torch.uint8)  # float -> uint8 truncates toward zero
     return frame.permute(1, 2, 0).cpu().numpy()
 
 

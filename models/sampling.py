@@ -3,7 +3,8 @@
 The loop works on patchified tokens and their RoPE rows; it never needs the whole video, so a
 sequence-parallel caller runs this same loop on its shard (the model carries the parallel
 attention). Noise is drawn on the CPU from a seeded generator, then moved: the same seed gives the
-same noise on every platform and every rank.
+same noise on every platform and every rank (or, asked for, as the release draws it:
+`initial_noise(source="release")`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,50 @@ class TextConditioning:
         return TextConditioning(self.txt.to(device), self.mask.to(device), self.pooled.to(device))
 
 
-def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """fp32 standard normal noise `shape` from a CPU generator seeded with `seed`."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=torch.float32)
+NOISE_SOURCES = ("cpu", "release")
+
+
+def initial_noise(
+    shape: tuple[int, ...],
+    seed: int,
+    *,
+    source: str = "cpu",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Standard normal noise `shape` for `seed`, returned as fp32 on the CPU.
+
+    "cpu" (the default): a CPU generator in fp32, the same numbers on every platform and every
+    rank. "release": drawn as the HunyuanVideo release draws it, so a seed reproduces a release
+    video: a generator on `device` (the release's `torch.Generator(device)`), in `dtype` (the
+    release uses its text states' dtype, fp16 by default), straight into that dtype. On a GPU
+    this is CUDA's Philox stream, which the CPU generator does not reproduce; every rank draws
+    the whole tensor and keeps its shard, so all ranks agree.
+    """
+    if source not in NOISE_SOURCES:
+        raise ValueError(f"noise source {source!r}; valid: {', '.join(NOISE_SOURCES)}")
+    if source == "cpu":
+        device, dtype = torch.device("cpu"), torch.float32
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype).float().cpu()
+
+
+def embedded_guidance_tensor(scale: float, batch: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """The distilled-guidance input `[B]` exactly as the release builds it for a DiT in `dtype`:
+    the scale made an fp32 tensor, cast to `dtype`, then multiplied by 1000 in `dtype`. In bf16
+    the product rounds (6.0 -> 6016, 7.0 -> 7008, 5.0 -> 4992) and the checkpoint was distilled
+    with those values, so computing 6000 in fp32 would embed another guidance (the embedder's
+    sinusoid has frequencies up to 1: 16 apart changes about half of it)."""
+    return torch.full((batch,), scale, dtype=torch.float32, device=device).to(dtype) * 1000.0
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a DiT computes its embeddings in: its `dtype` attribute, else its first
+    floating-point parameter's."""
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,12 +87,13 @@ def model_velocity(
 ) -> Velocity:
     """`v(x, t)`: the model's velocity for tokens x `[B, S, F]` at timestep t `[1]` (fp32 out)."""
     cos, sin = rope
+    dtype = model_dtype(model)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         guidance = None
         if embedded_guidance is not None:
-            guidance = torch.full((b,), embedded_guidance * 1000.0, device=x.device)
+            guidance = embedded_guidance_tensor(embedded_guidance, b, dtype, x.device)
         return model(x, cos, sin, cond.txt, cond.mask, t.expand(b), cond.pooled, guidance).float()
 
     return velocity
@@ -110,7 +152,8 @@ def denoise_tokens(
 ) -> torch.Tensor:
     """Run every step on noise tokens `[B, S, F]` (fp32; S may be a shard) -> denoised tokens.
 
-    `embedded_guidance` is the distilled guidance scale (passed to the model x 1000); see
+    `embedded_guidance` is the distilled guidance scale (passed to the model x 1000, as the
+    release rounds it: `embedded_guidance_tensor`); see
     `guided_velocity` for classic CFG. `on_step(i, x)` runs after every step (progress, NaN checks).
     """
     velocity = guided_velocity(

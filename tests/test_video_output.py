@@ -24,8 +24,22 @@ def moving_square() -> torch.Tensor:
 
 
 def expected_uint8(video: torch.Tensor) -> np.ndarray:
-    """`[F, H, W, 3]` uint8, computed here from the documented mapping x/2 + 0.5."""
-    return ((video / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    """`[F, H, W, 3]` uint8 as the HunyuanVideo release computes it: x/2 + 0.5 clamped in the
+    video's dtype, then `(x * 255).numpy().astype(np.uint8)` (truncation)."""
+    unit = (video / 2 + 0.5).clamp(0, 1).float()
+    return (unit.permute(1, 2, 3, 0).numpy() * 255).astype(np.uint8)
+
+
+def test_frames_truncate_like_the_release_not_round():
+    # Levels k + 0.7: truncation gives k, rounding would give k + 1.
+    levels = torch.tensor([0.7, 10.7, 127.7, 254.7, 255.0, 300.0, -5.0])
+    video = (levels / 255 - 0.5).mul(2).view(1, 1, 1, -1).expand(3, 1, 2, -1).contiguous()
+    frame = lv.frame_uint8(video, 0)
+    assert frame[0, :, 0].tolist() == [0, 10, 127, 254, 255, 255, 0]
+    assert np.array_equal(frame, expected_uint8(video)[0])
+    # fp16 (the VAE's dtype on GPU) is mapped to [0, 1] in fp16 first, as the release does.
+    half = video.half()
+    assert np.array_equal(lv.frame_uint8(half, 0), expected_uint8(half)[0])
 
 
 def only_file(folder):

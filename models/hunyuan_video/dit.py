@@ -60,6 +60,11 @@ class HunyuanVideoDiT(nn.Module):
         self.__dict__["_attention"] = attention
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the DiT computes in (its embedders and final layer; FP8 blocks dequantise to it)."""
+        return self.final_layer.linear.weight.dtype
+
+    @property
     def attention(self) -> JointAttention:
         return self.__dict__["_attention"]
 
@@ -90,7 +95,7 @@ class HunyuanVideoDiT(nn.Module):
         """img `[B, S, C_in*pt*ph*pw]`, rope_cos/sin `[S, head_dim]`, txt `[B, L, text_dim]`,
         txt_mask `[B, L]` (valid tokens first), timestep `[B]` (sigma x 1000), pooled
         `[B, pooled_dim]`, guidance `[B]` (scale x 1000) -> `[B, S, C_out*pt*ph*pw]`."""
-        dtype = self.final_layer.linear.weight.dtype
+        dtype = self.dtype
         valid = txt_mask.bool()
         # On the host: attention implementations read the lengths as ints, and a device tensor
         # would cost a sync in every block instead of one here.
