@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from models import ModelInputError
+
 from .cli import build_parser, run_config_from_args
-from models.hunyuan_video.text_encoder import TextEncoderError
-from models.weights import CheckpointError
 
 from .config import ConfigError
 from .pipeline import NonFiniteLatents
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             for out in run_generate(cfg):
                 print(out)
             return 0
-    except (ConfigError, CheckpointError, TextEncoderError) as err:  # bad input: nothing ran
+    except (ConfigError, ModelInputError) as err:  # bad input (arguments, weight folders): nothing ran
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLatents as err:  # the run diverged: say where, without a traceback

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import NOISE_SOURCES, PRESET_DEFAULTS, ConfigError, RunConfig, parse_size, read_prompts_file
+from .config import NOISE_SOURCES, ConfigError, RunConfig, family_of, parse_size, read_prompts_file
 from .memory_plan import parse_memory
 from .plan import add_plan_args
 from .sweep_spec import add_sweep_args
@@ -36,7 +36,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-latents", action="store_true", help="also write the final latents (.safetensors)")
     p.add_argument("--save-grid", action="store_true", help="also write a PNG grid of frames")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--fps", type=int, help="frames per second of the mp4 (default: the preset's, 24)")
     p.add_argument("--vae-tiling", default="auto", choices=("auto", "release", "small", "off"),
                    help="VAE decode tiling: the release's tiles (auto), 17x16x16-latent tiles (small), or none")
     p.add_argument("--negative-prompt", help="classic CFG: the negative prompt (with --cfg-scale != 1)")
@@ -80,11 +80,8 @@ def add_benchmarking_args(p: argparse.ArgumentParser) -> None:
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """Arguments + the preset's defaults -> a validated RunConfig (raises ConfigError)."""
-    defaults = PRESET_DEFAULTS.get(args.preset)
-    if defaults is None:
-        from models import list_presets
-
-        raise ConfigError(f"--preset {args.preset!r} is unknown; valid: {', '.join(list_presets())}")
+    family = family_of(args.preset)
+    defaults = family.defaults[args.preset]
     if args.prompts_file is not None:
         prompts = read_prompts_file(args.prompts_file)
     else:
@@ -110,9 +107,9 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         save_latents=args.save_latents,
         save_grid=args.save_grid,
         overwrite=args.overwrite,
-        fps=args.fps,
+        fps=args.fps if args.fps is not None else defaults.fps,
         vae_tiling=args.vae_tiling,
-        negative_prompt=None if args.negative_prompt is None else args.negative_prompt.strip(),
+        negative_prompt=_negative_prompt(args, family),
         cfg_scale=args.cfg_scale,
         ulysses=args.ulysses,
         ring=args.ring,
@@ -129,6 +126,14 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         attention=args.attention,
         no_video=args.no_video,
     )
+
+
+def _negative_prompt(args: argparse.Namespace, family) -> str | None:
+    """--negative-prompt (stripped, as the release does), else the family's default when classic
+    CFG is on (--cfg-scale != 1), else None."""
+    if args.negative_prompt is not None:
+        return args.negative_prompt.strip()
+    return family.default_negative_prompt if args.cfg_scale != 1.0 else None
 
 
 def build_parser() -> argparse.ArgumentParser:

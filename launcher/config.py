@@ -9,33 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPES = ("bf16", "fp16", "fp32")
+import torch
+
+# The one dtype table: flag value -> torch dtype (bytes per element: ``dtype.itemsize``).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NOISE_SOURCES = ("cpu", "release")  # models.sampling.initial_noise
 DEVICES = ("auto", "cpu", "cuda")
-VAE_TILINGS = ("auto", "release", "small", "off")
-SIZE_MULTIPLE = 16
+VAE_TILINGS = ("auto", "release", "small", "off")  # the HunyuanVideo family's; a family lists its own
 
 
 class ConfigError(ValueError):
     """Bad user input; the message says what is wrong and what would be valid."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class PresetDefaults:
-    height: int
-    width: int
-    frames: int
-    steps: int
-    flow_shift: float = 7.0
-    guidance: float = 6.0
-
-
-# What `generate` uses when a flag is left out, per DiT preset.
-PRESET_DEFAULTS = {
-    "hunyuan-video-13b": PresetDefaults(height=720, width=1280, frames=129, steps=50),
-    "hunyuan-video-2block": PresetDefaults(height=720, width=1280, frames=129, steps=50),
-    "tiny": PresetDefaults(height=64, width=96, frames=9, steps=4),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,9 +78,9 @@ def _nearest_multiples(value: int, m: int) -> str:
     return f"{m}" if lo == 0 else f"{lo} or {lo + m}"
 
 
-def _nearest_frames(frames: int) -> str:
-    lo = max(1, (frames - 1) // 4 * 4 + 1)
-    return f"{lo} or {lo + 4}" if frames > 1 else "1 or 5"
+def _nearest_frames(frames: int, step: int = 4) -> str:
+    lo = max(1, (frames - 1) // step * step + 1)
+    return f"{lo} or {lo + step}" if frames > 1 else f"1 or {1 + step}"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -107,21 +91,29 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def family_of(preset: str):
+    """The model family of ``preset``; an unknown name is a ConfigError listing the valid ones."""
+    from models import get_family
+
+    try:
+        return get_family(preset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: RunConfig) -> None:
     """All checks on a RunConfig; raises ConfigError with one clear message."""
-    from models import list_presets
-
-    if cfg.preset not in list_presets():
-        raise ConfigError(f"--preset {cfg.preset!r} is unknown; valid: {', '.join(list_presets())}")
+    family = family_of(cfg.preset)
+    multiple, step = family.size_multiple, family.frame_step
     for name, v in (("height", cfg.height), ("width", cfg.width)):
-        if v <= 0 or v % SIZE_MULTIPLE:
+        if v <= 0 or v % multiple:
             raise ConfigError(
                 f"--size {cfg.height}x{cfg.width}: {name} {v} is not a positive multiple of "
-                f"{SIZE_MULTIPLE}; nearest valid {name}: {_nearest_multiples(max(v, 1), SIZE_MULTIPLE)}"
+                f"{multiple}; nearest valid {name}: {_nearest_multiples(max(v, 1), multiple)}"
             )
-    if cfg.frames < 1 or (cfg.frames - 1) % 4:
+    if cfg.frames < 1 or (cfg.frames - 1) % step:
         raise ConfigError(
-            f"--frames {cfg.frames}: the VAE needs 4n+1 frames; nearest valid: {_nearest_frames(cfg.frames)}"
+            f"--frames {cfg.frames}: the VAE needs {step}n+1 frames; nearest valid: {_nearest_frames(cfg.frames, step)}"
         )
     if cfg.steps < 1:
         raise ConfigError(f"--steps {cfg.steps}: must be at least 1")
@@ -131,8 +123,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--flow-shift {cfg.flow_shift}: must be > 0")
     if cfg.fps < 1:
         raise ConfigError(f"--fps {cfg.fps}: must be >= 1")
-    if cfg.vae_tiling not in VAE_TILINGS:
-        raise ConfigError(f"--vae-tiling {cfg.vae_tiling!r}; valid: {', '.join(VAE_TILINGS)}")
+    tilings = ("auto", *family.vae.tilings, "off")
+    if cfg.vae_tiling not in tilings:
+        raise ConfigError(f"--vae-tiling {cfg.vae_tiling!r}; valid: {', '.join(tilings)}")
     if cfg.dtype not in ("auto", *DTYPES):
         raise ConfigError(f"--dtype {cfg.dtype!r}; valid: auto, {', '.join(DTYPES)}")
     if cfg.text_dtype not in ("auto", *DTYPES):

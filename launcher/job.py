@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.hunyuan_video import HunyuanVideoConfig, get_preset
 from models.sampling import TextConditioning, classifier_free, euler_loop, guided_velocity, model_velocity
 from models.scheduler import FlowMatchEuler
 from parallel.mesh import SP_AXES, MeshAxis, ParallelDims, ParallelMesh, build_parallel_mesh, init_distributed, teardown
@@ -38,14 +37,13 @@ from parallel.parallelize import (
     gather_objects,
     parallelize,
 )
-from parallel.backends import AttentionChoice, backend_problem, text_problem
-from parallel.topology import ResolvedTopology, TopologyError, default_table_path
+from parallel.backends import AttentionChoice, text_problem
 
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
-from .memory_plan import NCCL_ALLOWANCE, TORCH_DTYPES, JobMemory, JobShape, MemoryPlan, plan_job
-from .plan import topology_table
+from .memory_plan import NCCL_ALLOWANCE, MemoryPlan
 from .record import PhaseTimer, command_line, device_used_bytes, now_iso, peak_memory, versions
+from .resolve import ResolvedJob, output_paths, resolve_job
 
 log = logging.getLogger("launcher")
 # The two names torch reads its allocator settings from.
@@ -54,18 +52,13 @@ ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 @dataclass(frozen=True)
 class Job:
-    """What every rank knows once validation passed."""
+    """This rank's view of the resolved job (identical on every rank but for ``rank``)."""
 
-    cfg: RunConfig
-    dit: HunyuanVideoConfig
-    topology: ResolvedTopology
-    memory: JobMemory
+    resolved: ResolvedJob
     rank: int
-    world: int
-    device: torch.device
-    dtype: torch.dtype
-    text_dtype: torch.dtype  # the text encoders' (and, with --noise release, the noise's)
-    attention: AttentionChoice | None = None  # set once the model has its attention
+
+    def __getattr__(self, name):  # job.cfg, job.dit, job.device, ... read through
+        return getattr(self.__dict__["resolved"], name)
 
 
 def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
@@ -74,70 +67,15 @@ def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
     logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
 
 
-def cfg_options(cfg: RunConfig, world: int) -> list[int]:
-    """CFG degrees to try: the user's, else in parallel (2) when CFG is on and the ranks split
-    evenly, then one after the other (1) if the planner finds 2 does not fit."""
-    if cfg.cfg_degree is not None:
-        return [cfg.cfg_degree]
-    return [2, 1] if cfg.uses_cfg and world % (2 * cfg.dp) == 0 else [1]
-
-
-def choose_topology(cfg: RunConfig, dit: HunyuanVideoConfig, world: int, cfg_degree: int | None = None) -> ResolvedTopology:
-    """Degrees for this job: explicit flags, else the model's topology table, else the rule
-    (the same choice `plan` shows)."""
-    cfg_degree = cfg_degree or cfg_options(cfg, world)[0]
-    try:
-        table = topology_table(dit, cfg.topology_file)
-        return table.resolve(
-            height=cfg.height, width=cfg.width, frames=cfg.frames, world_size=world,
-            cfg=cfg_degree, dp=cfg.dp, ulysses=cfg.ulysses, ring=cfg.ring,
-        )
-    except TopologyError as err:
-        raise ConfigError(str(err)) from None
-
-
-def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, list[dict[str, Path]] | None, torch.nn.Module | None]:
-    """Every check that can reject the job; no collective. Returns the job, the output paths of
-    every prompt (None until a seed exists), and the DiT with its checkpoint assigned on the meta
+def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.Module | None]:
+    """Every check that can reject the job (the resolver's, then the DiT checkpoint's keys and
+    shapes); no collective. Returns the job and the DiT with its checkpoint assigned on the meta
     device (or None)."""
-    dit = get_preset(cfg.preset)
-    # Output names carry the seed: without one they are checked once rank 0 has drawn it.
-    paths = [ph.output_paths(cfg, i) for i in range(len(cfg.prompts))] if cfg.seed is not None else None
-    ph.check_model_dir(cfg)
-    device, dtype = ph.resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
-    memory = plan_memory(cfg, dit, world, device, dtype)
-    check_attention(cfg, dit, memory.topology, device)
-    loaded = ph.load_dit_weights(cfg, dtype, memory.plan.placement.fp8)
-    job = Job(cfg, dit, memory.topology, memory, rank, world, device, dtype, ph.text_dtype(cfg, device))
-    return job, paths, loaded
-
-
-def plan_memory(cfg: RunConfig, dit: HunyuanVideoConfig, world: int, device: torch.device, dtype) -> JobMemory:
-    """The memory plan (launcher/memory_plan.py) and the topology of its CFG degree."""
-    dtype_name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
-
-    def shape_for(degree: int):
-        topo = choose_topology(cfg, dit, world, degree)
-        t = topo.topology
-        return JobShape(preset=cfg.preset, dit=dit, height=cfg.height, width=cfg.width, frames=cfg.frames,
-                        dtype=dtype_name, world=world, dp=t.dp, cfg_degree=t.cfg, ulysses=t.ulysses, ring=t.ring,
-                        text_llm=cfg.model_dir is not None), topo
-
+    device = ph.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    return plan_job(cfg, shape_for, cfg_options(cfg, world), total)
-
-
-def check_attention(cfg: RunConfig, dit: HunyuanVideoConfig, topology: ResolvedTopology, device) -> None:
-    """The --attention backend's limits (CUDA, package, SP size, even tokens), on every rank."""
-    num_tokens = math.prod(dit.token_grid(cfg.height, cfg.width, cfg.frames))
-    problem = backend_problem(cfg.attention, device_type=device.type, sp_size=topology.topology.sp,
-                              num_tokens=num_tokens)
-    if problem is not None:
-        raise ConfigError(f"--attention {cfg.attention}: {problem}")
-
-
-def table_path(cfg: RunConfig) -> str:
-    return str(cfg.topology_file) if cfg.topology_file is not None else default_table_path("hunyuan_video")
+    resolved = resolve_job(cfg, world=world, device=device, device_memory=total)
+    loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, resolved.dtype, resolved.memory.plan.placement.fp8)
+    return Job(resolved, rank), loaded
 
 
 def run_generate(cfg: RunConfig) -> list[Path]:
@@ -145,9 +83,9 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     setup_logging(rank, world, cfg.log_all_ranks)
     _expandable_segments_under_budget(cfg)
-    job, paths, loaded = validate_job(cfg, rank, world)
+    job, loaded = validate_job(cfg, rank, world)
     topo = job.topology
-    source = f"table {table_path(cfg)}" if topo.source == "table" else topo.source
+    source = f"table {job.table_path}" if topo.source == "table" else topo.source
     log.info("topology %s (%s): dp %d, cfg %d, ring %d, ulysses %d on %d rank(s)",
              topo.topology.sp_label, source, topo.topology.dp, topo.topology.cfg,
              topo.topology.ring, topo.topology.ulysses, job.world)
@@ -159,8 +97,7 @@ def run_generate(cfg: RunConfig) -> list[Path]:
             mesh = build_parallel_mesh(dims, device=info.device, timeout=cfg.timeout_s)
         if cfg.seed is None:
             job = _with_shared_seed(job, mesh)
-            paths = [ph.output_paths(job.cfg, i) for i in range(len(cfg.prompts))]
-        written = _run(job, paths, loaded, mesh)
+        written = _run(job, loaded, mesh)
         failed = False
         return written
     finally:
@@ -175,16 +112,20 @@ def _with_shared_seed(job: Job, mesh: ParallelMesh | None) -> Job:
     if mesh is not None:
         seed = broadcast_object(seed)
     log.info("seed %d (drawn by rank 0; pass --seed %d to repeat this run)", seed, seed)
-    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed))
+    cfg = dataclasses.replace(job.cfg, seed=seed)
+    paths = [output_paths(cfg, i) for i in range(len(cfg.prompts))]
+    return Job(dataclasses.replace(job.resolved, cfg=cfg, paths=paths), job.rank)
 
 
-def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
-    cfg, dit = job.cfg, job.dit
+def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
+    cfg = job.cfg
     timer = PhaseTimer(job.device)
     _cap_memory(job)
     with timer.phase("text_encode"):
         stream_text = job.memory.plan.placement.stream_text
-        conds = ph.encode_prompts(cfg, dit, job.device, job.text_dtype, stream=stream_text) if job.rank == 0 else None
+        texts = list(cfg.prompts) + ([cfg.negative_prompt] if cfg.uses_cfg else [])
+        conds = (ph.encode_prompts(job.family, job.dit, cfg.model_dir, texts, job.device, job.text_dtype,
+                                   stream=stream_text) if job.rank == 0 else None)
         if mesh is not None:
             conds = broadcast_object(conds)
     problem = text_problem(cfg.attention, [int(c.mask.sum()) for c in conds], job.topology.topology.sp)
@@ -203,17 +144,16 @@ def _run(job: Job, paths, loaded, mesh: ParallelMesh | None) -> list[Path]:
         _agree_after_oom(job, mesh)
         log.warning("CUDA out of memory (%s); falling back once to: %s (estimate %.1f GiB per GPU)",
                     oom, plan.label, plan.peak / 2**30)
-        loaded = ph.load_dit_weights(cfg, job.dtype, plan.placement.fp8)  # the first attempt consumed it
+        loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, job.dtype, plan.placement.fp8)  # consumed
         result = _denoise_all(job, plan, loaded, conds, mesh, timer)
     latents, step_s, peaks, host, attention = result
-    job = dataclasses.replace(job, attention=attention)
     written = []
     if _is_writer(mesh):
         memory = {**job.memory.plan.to_dict(), "reason": job.memory.reason, "used": plan.to_dict(),
                   "fallback_after_oom": oom, "host_store": host,
                   "budget_gib": None if job.memory.budget is None else job.memory.budget / 2**30,
                   "allocator_conf": next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), None)}
-        written = _decode_and_write(job, paths, latents, step_s, timer, peaks, plan, memory)
+        written = _decode_and_write(job, latents, step_s, timer, peaks, plan, memory, attention)
     if mesh is not None:
         torch.distributed.barrier()  # other ranks wait (with the timeout) for the writers
     return written
@@ -223,12 +163,13 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
     """Place the DiT as ``plan`` says and denoise this replica's prompts. Returns the latents and
     step times per prompt, every rank's peak memory, the kind of host store (or None) and the
     attention backend that ran. The placement is torn down however this ends."""
-    cfg, dit = job.cfg, job.dit
+    cfg = job.cfg
     with timer.phase("load_dit"):
-        model, placed = ph.build_dit(cfg, loaded, job.device, job.dtype, plan.placement, _node_share(job, mesh))
+        model, placed = ph.build_dit(job.family, cfg.preset, loaded, job.device, job.dtype, plan.placement,
+                                     _node_share(job, mesh))
     try:
-        grid = dit.token_grid(cfg.height, cfg.width, cfg.frames)
-        shard = parallelize(model, mesh, num_tokens=math.prod(grid), backend=cfg.attention)
+        grid = job.token_grid
+        shard = parallelize(model, mesh, num_tokens=job.num_tokens, backend=cfg.attention)
         log.info("attention: %s, kernel %s%s", shard.attention.backend, shard.attention.kernel,
                  f" ({shard.attention.note})" if shard.attention.note else "")
         cos, sin = model.rope(grid)
@@ -239,7 +180,7 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
         for i in range(dp_rank, len(cfg.prompts), cfg.dp):
             with timer.phase("denoise"):
                 tokens, step_s[i] = denoise_one(job, model, shard, rope, conds, i, mesh)
-            latents[i] = ph.tokens_to_latents(tokens.cpu(), cfg, dit)
+            latents[i] = ph.tokens_to_latents(job.family, job.dit, tokens.cpu(), (cfg.height, cfg.width, cfg.frames))
         peaks = gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
         return latents, step_s, peaks, placed.host_kind, shard.attention
     finally:
@@ -300,8 +241,8 @@ def _is_writer(mesh: ParallelMesh | None) -> bool:
 def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextConditioning], i: int, mesh):
     """Prompt `i` from its seeded noise to the whole sequence of denoised tokens `[1, S, F]`,
     and the seconds of each step (the NaN check syncs the device, so they are real times)."""
-    cfg, dit, device = job.cfg, job.dit, job.device
-    guidance = cfg.guidance if dit.guidance_embed else None
+    cfg, device = job.cfg, job.device
+    guidance = job.guidance
     cond = conds[i].to(device)
     negative = conds[-1].to(device) if cfg.uses_cfg else None
     if mesh is not None and mesh.size(MeshAxis.CFG) == 2:
@@ -311,7 +252,9 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
     else:
         velocity = guided_velocity(model, rope, cond, embedded_guidance=guidance, negative=negative,
                                    cfg_scale=cfg.cfg_scale)
-    tokens = shard.shard(ph.noise_tokens(cfg, dit, cfg.seed + i, device, job.text_dtype)).to(device)
+    size = (cfg.height, cfg.width, cfg.frames)
+    noise = ph.noise_tokens(job.family, job.dit, size, cfg.seed + i, cfg.noise, device, job.text_dtype)
+    tokens = shard.shard(noise).to(device)
     sp_group = mesh.group(*SP_AXES) if mesh is not None else None
     with tqdm(total=cfg.steps, desc=f"prompt {i + 1}/{len(cfg.prompts)}", unit="step",
               disable=job.rank != 0, leave=False) as bar:
@@ -329,8 +272,8 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
             return shard.gather(out), [b - a for a, b in zip(marks, marks[1:])]
 
 
-def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks, plan: MemoryPlan,
-                      memory: dict) -> list[Path]:
+def _decode_and_write(job: Job, latents, step_s, timer: PhaseTimer, peaks, plan: MemoryPlan, memory: dict,
+                      attention: AttentionChoice) -> list[Path]:
     from .video import write_json_atomic
 
     cfg = job.cfg
@@ -340,17 +283,17 @@ def _decode_and_write(job: Job, paths, latents, step_s, timer: PhaseTimer, peaks
     tiling = cfg.vae_tiling if cfg.vae_tiling != "auto" else plan.placement.vae_tiling
     if not cfg.no_video:
         with timer.phase("load_vae"):
-            vae = ph.load_vae_for(cfg, job.dit, job.device)
+            vae = ph.load_vae(job.family, job.dit, cfg.model_dir, job.device)
     for i, lat in latents.items():
         video = None
         if not cfg.no_video:
             with timer.phase("vae_decode"):
-                video = ph.decode(vae, lat, tiling)
+                video = ph.decode(job.family, vae, lat, tiling)
         with timer.phase("write"):
-            ph.write_outputs(cfg, paths[i], video, lat)
-        write_json_atomic(record(job, i, timer, step_s[i], peaks, paths[i]) | {"memory": memory}, paths[i]["record"],
-                          overwrite=cfg.overwrite)
-        main = paths[i]["latents" if cfg.no_video else "video"]
+            ph.write_outputs(job.paths[i], video, lat, fps=cfg.fps, overwrite=cfg.overwrite)
+        rec = record(job, i, timer, step_s[i], peaks, attention) | {"memory": memory}
+        write_json_atomic(rec, job.paths[i]["record"], overwrite=cfg.overwrite)
+        main = job.paths[i]["latents" if cfg.no_video else "video"]
         log.info("wrote %s", main)
         written.append(main)
     return written
@@ -366,8 +309,8 @@ def conventions(job: Job) -> dict:
     from models.sampling import embedded_guidance_tensor
 
     guidance = None
-    if job.dit.guidance_embed:
-        guidance = float(embedded_guidance_tensor(job.cfg.guidance, 1, job.dtype)[0])
+    if job.guidance is not None:
+        guidance = float(embedded_guidance_tensor(job.guidance, 1, job.dtype)[0])
     noise = ({"source": "release", "generator": job.device.type, "dtype": _dtype_name(job.text_dtype)}
              if job.cfg.noise == "release" else {"source": "cpu", "generator": "cpu", "dtype": "float32"})
     return {
@@ -375,19 +318,21 @@ def conventions(job: Job) -> dict:
         "prompt": "stripped of surrounding whitespace",
         "noise": noise,
         "text_encoder_dtype": _dtype_name(job.text_dtype),
-        "vae_dtype": _dtype_name(ph.vae_dtype_for(job.device)),
+        "vae_dtype": _dtype_name(ph.vae_dtype_for(job.family, job.device)),
         "frames_to_uint8": "clamp to [0, 1] in the VAE's dtype, x 255 in fp32, truncate",
     }
 
 
-def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list[dict], paths) -> dict:
+def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list[dict],
+           attention: AttentionChoice | None) -> dict:
     """The JSON record beside video `i`."""
-    cfg, topo = job.cfg, job.topology.topology
+    cfg, topo, paths = job.cfg, job.topology.topology, job.paths[i]
     return {
         "prompt": cfg.prompts[i],
         "negative_prompt": cfg.negative_prompt if cfg.uses_cfg else None,
         "seed": cfg.seed + i,
-        "model": {"preset": cfg.preset, "model_dir": None if cfg.model_dir is None else str(cfg.model_dir)},
+        "model": {"family": job.family.name, "preset": cfg.preset,
+                  "model_dir": None if cfg.model_dir is None else str(cfg.model_dir)},
         "size": [cfg.height, cfg.width],
         "frames": cfg.frames,
         "steps": cfg.steps,
@@ -400,8 +345,8 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "conventions": conventions(job),
         "topology": {"world_size": job.world, "dp": topo.dp, "cfg": topo.cfg, "ring": topo.ring,
                      "ulysses": topo.ulysses, "source": job.topology.source},
-        "topology_table": table_path(cfg),
-        "attention": job.attention.as_dict() if job.attention is not None else None,
+        "topology_table": job.table_path,
+        "attention": attention.as_dict() if attention is not None else None,
         "timings_s": {**timer.seconds, "denoise_this_video": sum(step_s)},
         "step_s": step_s,
         "peak_memory": peak_memory(job.device),

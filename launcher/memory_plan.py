@@ -30,17 +30,16 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
-import torch
+from typing import Any
+
 from torch import nn
 
 import models
 from models.fp8 import quantize_model, weight_bytes
-from models.hunyuan_video import HunyuanVideoConfig
-from models.hunyuan_video.text_encoder import TEXT_LEN
 from parallel.sequence import shard_length
 
-from .config import ConfigError
-from .memory_estimate import DTYPE_BYTES, VAE_DTYPE_BYTES, dit_activations, vae_decode_bytes, vae_tiling_config
+from .config import DTYPES, ConfigError
+from .memory_estimate import dit_activations
 
 GIB = 2**30
 # What a rank holds outside its tensors, measured on 4 x H200 (docs/BENCHMARKS.md, memory
@@ -53,11 +52,9 @@ CONTEXT_OVERHEAD = int(2.25 * GIB)
 NCCL_ALLOWANCE = int(2.5 * GIB)
 ALLOCATOR_SLACK = int(1.0 * GIB)
 RUNTIME_OVERHEAD = CONTEXT_OVERHEAD + NCCL_ALLOWANCE + ALLOCATOR_SLACK
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROFILES = ("default", "light", "extreme")
 FP8_MODES = ("off", "auto", "storage", "matmul")
-LLM_PARAMS = 7_500_000_000  # the release's llava-llama-3-8b language model (its 32 decoder layers)
-LLM_LAYERS = 32
+VAE_WEIGHT_ALLOWANCE = 250_000_000 * 2  # fp16 VAE weights, rounded up (the release's: 246.5M parameters)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,8 +130,8 @@ class DitSizes:
 
 @functools.cache
 def dit_sizes(preset: str, dtype: str) -> DitSizes:
-    model = models.build_model(preset, device="meta", dtype=TORCH_DTYPES[dtype])
-    blocks = [*model.double_blocks, *model.single_blocks]
+    model = models.build_model(preset, device="meta", dtype=DTYPES[dtype])
+    blocks = [block for _, block in models.get_family(preset).blocks(model)]
     plain = tuple(weight_bytes(blk) for blk in blocks)
     linears = [m.weight for blk in blocks for m in blk.modules() if isinstance(m, nn.Linear)]
     largest = max(w.numel() * w.element_size() for w in linears)
@@ -154,7 +151,7 @@ class JobShape:
     """What the planner needs to know of a job."""
 
     preset: str
-    dit: HunyuanVideoConfig
+    dit: Any  # the family's DiT config
     height: int
     width: int
     frames: int
@@ -173,25 +170,20 @@ def estimate(shape: JobShape, p: Placement) -> MemoryPlan:
     n = len(per_block)
     resident = sizes.other + sum(per_block[: n - p.streamed])
     slots = (p.prefetch + 1) * max(per_block[n - p.streamed :]) if p.streamed else 0
+    family = models.get_family(shape.preset)
+    text_len = family.text.max_tokens
     tokens = math.prod(shape.dit.token_grid(shape.height, shape.width, shape.frames))
     local = shard_length(tokens, shape.ulysses * shape.ring)
     acts = dit_activations(
-        image_tokens=local, text_tokens=TEXT_LEN, hidden=shape.dit.hidden_size, mlp_hidden=shape.dit.mlp_hidden,
-        ulysses=shape.ulysses, ring=shape.ring, dtype_bytes=DTYPE_BYTES[shape.dtype],
+        image_tokens=local, text_tokens=text_len, hidden=shape.dit.hidden_size, mlp_hidden=shape.dit.mlp_hidden,
+        ulysses=shape.ulysses, ring=shape.ring, dtype_bytes=DTYPES[shape.dtype].itemsize,
     ).peak
-    fp8_temp = sizes.largest_linear if p.fp8 == "storage" else (local + TEXT_LEN) * 4 * shape.dit.mlp_hidden if p.fp8 == "matmul" else 0
+    fp8_temp = sizes.largest_linear if p.fp8 == "storage" else (local + text_len) * 4 * shape.dit.mlp_hidden if p.fp8 == "matmul" else 0
     latent = shape.dit.latent_grid(shape.height, shape.width, shape.frames)
-    decode = vae_decode_bytes(latent, vae_tiling_config(p.vae_tiling)) + 250_000_000 * VAE_DTYPE_BYTES
-    text = _text_bytes(shape, p.stream_text)
+    decode = family.vae.decode_bytes(latent, p.vae_tiling) + VAE_WEIGHT_ALLOWANCE
+    text = family.text.weight_bytes(p.stream_text) if shape.text_llm else 0
     return MemoryPlan(placement=p, resident_weights=resident, slots=slots, activations=acts, fp8_temp=fp8_temp,
                       decode=decode, text=text, blocks=n)
-
-
-def _text_bytes(shape: JobShape, streamed: bool) -> int:
-    if not shape.text_llm:
-        return 0
-    layer = LLM_PARAMS // LLM_LAYERS * 2
-    return 3 * layer + 2 * GIB if streamed else LLM_PARAMS * 2 + GIB  # embeddings/head + a few layers + acts
 
 
 def candidates(shape: JobShape, fp8: str) -> list[Placement]:
@@ -199,19 +191,21 @@ def candidates(shape: JobShape, fp8: str) -> list[Placement]:
     the first that fits wins. Within a rung, k = 0, 1, ... streamed blocks."""
     n = len(dit_sizes(shape.preset, shape.dtype).blocks)
     modes = (["off"] if fp8 in ("off", "auto") else [fp8]) + (["storage"] if fp8 == "auto" else [])
-    rungs = [Placement(fp8=m, cfg_degree=shape.cfg_degree, vae_tiling=t) for m in modes for t in ("release", "small")]
+    tilings = models.get_family(shape.preset).vae.tilings  # fastest first, least memory last
+    rungs = [Placement(fp8=m, cfg_degree=shape.cfg_degree, vae_tiling=t) for m in modes for t in tilings]
     return [replace(r, streamed=k) for r in rungs for k in range(n + 1)]
 
 
 def profile_placement(profile: str, shape: JobShape) -> Placement:
     """The fixed placement of a named profile (its CFG degree is the shape's)."""
     n = len(dit_sizes(shape.preset, shape.dtype).blocks)
+    tilings = models.get_family(shape.preset).vae.tilings
     if profile == "default":
-        return Placement(cfg_degree=shape.cfg_degree)
+        return Placement(cfg_degree=shape.cfg_degree, vae_tiling=tilings[0])
     if profile == "light":
-        return Placement(streamed=n // 2, cfg_degree=shape.cfg_degree, vae_tiling="small")
+        return Placement(streamed=n // 2, cfg_degree=shape.cfg_degree, vae_tiling=tilings[-1])
     if profile == "extreme":
-        return Placement(streamed=n, fp8="storage", cfg_degree=shape.cfg_degree, vae_tiling="small",
+        return Placement(streamed=n, fp8="storage", cfg_degree=shape.cfg_degree, vae_tiling=tilings[-1],
                          stream_text=shape.text_llm)
     raise ConfigError(f"--memory-profile {profile!r}; valid: {', '.join(PROFILES)}")
 
@@ -324,8 +318,9 @@ def plan_job(cfg, shape_for: Callable[[int], tuple[JobShape, object]], cfg_optio
     limit = budget if budget is not None else device_memory
     if limit is None:  # CPU: nothing to plan
         shape, topo = shape_for(cfg_options[0])
-        return JobMemory(estimate(shape, Placement(cfg_degree=shape.cfg_degree, prefetch=cfg.prefetch)),
-                         None, topo, None, "no GPU")
+        tiling = models.get_family(shape.preset).vae.tilings[0]
+        return JobMemory(estimate(shape, Placement(cfg_degree=shape.cfg_degree, prefetch=cfg.prefetch,
+                                                   vae_tiling=tiling)), None, topo, None, "no GPU")
     error = None
     for degree in cfg_options:
         shape, topo = shape_for(degree)

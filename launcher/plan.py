@@ -1,8 +1,8 @@
 """`python -m launcher plan`: what a `generate` job would run on N GPUs, without GPUs.
 
-No process group and no weights: the topology comes from the same table and resolution as
-`generate` (``TopologyTable.resolve``), the token counts from the preset's token grid and
-``parallel/sequence.py``'s padding, and the memory from shapes (``launcher/memory_estimate.py``).
+No process group and no weights: the job is resolved by the same function `generate` runs on
+every rank (``launcher/resolve.py``: topology, memory plan, validation and its messages), and the
+token counts come from the family's token grid and ``parallel/sequence.py``'s padding.
 
     python -m launcher plan --size 720x1280 --frames 129 --gpus 4
     python -m launcher plan --model hunyuan-video-13b --gpus 8 --cfg 2 --json
@@ -11,7 +11,6 @@ No process group and no weights: the topology comes from the same table and reso
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
@@ -19,43 +18,20 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 import models
-from models.hunyuan_video import HunyuanVideoConfig, get_preset
-from models.hunyuan_video.text_encoder import TEXT_LEN
-from models.hunyuan_video.vae import VAE_PRESETS, HunyuanVideoVAE
 from parallel.sequence import padded_length, shard_length
-from parallel.topology import (
-    ResolvedTopology,
-    Topology,
-    TopologyError,
-    TopologyTable,
-    default_table_path,
-    factorisations,
-    load_topology_table,
-)
+from parallel.topology import ResolvedTopology, Topology, TopologyError, factorisations
 
-from .config import DTYPES, PRESET_DEFAULTS, VAE_TILINGS, ConfigError, RunConfig, parse_size
-from .memory_plan import FP8_MODES, PROFILES, JobMemory, JobShape, device_overhead_note, parse_memory, plan_job
-from .memory_estimate import (
-    DTYPE_BYTES,
-    GIB,
-    VAE_DTYPE_BYTES,
-    VAE_LARGEST_MEASURED_UNTILED,
-    MemoryEstimate,
-    dit_activations,
-    vae_decode_bytes,
-    vae_tile,
-    vae_tiling_config,
-)
+from .config import DTYPES, VAE_TILINGS, ConfigError, RunConfig, family_of, parse_size
+from .memory_plan import FP8_MODES, PROFILES, JobMemory, device_overhead_note, parse_memory
+from .memory_estimate import GIB, MemoryEstimate, dit_activations
+from .resolve import ResolvedJob, resolve_job
 
-CALIBRATED_VAE = "hunyuan-video"  # the VAE preset the decode measurements were taken with
 NOT_INCLUDED = ("CUDA context and NCCL buffers (4.5 GiB per rank measured on 4 x H200) and allocator slack "
                 "(the memory plan, with --max-gpu-memory, counts them); text encoders (rank 0, freed before the DiT loads)")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +63,33 @@ class Plan:
         return self.chosen.topology
 
 
+@dataclass(frozen=True, kw_only=True)
+class MemoryKnobs:
+    """`plan`'s memory flags, as `generate` takes them."""
+
+    max_gpu_memory: int | None = None
+    memory_profile: str | None = None
+    fp8: str = "off"
+    stream_blocks: int | None = None
+    text_llm: bool = False  # count the family's real text encoder (generate with --model-dir)
+
+
+def plan_config(*, preset: str, height: int, width: int, frames: int, dtype: str, cfg: int, dp: int,
+                ulysses: int | None, ring: int | None, vae_tiling: str, knobs: MemoryKnobs | None,
+                topology_file) -> RunConfig:
+    """The RunConfig `generate` would build from these flags (validated the same way). The
+    prompt and output folder are placeholders; cfg 2 stands for classic CFG (a negative pass)."""
+    knobs = knobs or MemoryKnobs()
+    return RunConfig(
+        preset=preset, model_dir=None, prompts=("plan",), height=height, width=width, frames=frames,
+        steps=1, seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."), dtype=dtype, vae_tiling=vae_tiling,
+        negative_prompt="negative" if cfg == 2 else None, cfg_scale=2.0 if cfg == 2 else 1.0, cfg_degree=cfg,
+        dp=dp, ulysses=ulysses, ring=ring, max_gpu_memory=knobs.max_gpu_memory, memory_profile=knobs.memory_profile,
+        fp8=knobs.fp8, stream_blocks=knobs.stream_blocks,
+        topology_file=None if topology_file is None else Path(topology_file),
+    )
+
+
 def make_plan(
     *,
     preset: str = "hunyuan-video-13b",
@@ -100,91 +103,31 @@ def make_plan(
     ulysses: int | None = None,
     ring: int | None = None,
     vae_tiling: str = "auto",
-    memory_knobs: SimpleNamespace | None = None,
+    memory_knobs: MemoryKnobs | None = None,
     topology_file: str | os.PathLike | None = None,
 ) -> Plan:
     """The plan of one job. Raises ConfigError (size, frames, preset, dtype, GPUs) or TopologyError
-    with the same messages `generate` gives."""
-    check_job(preset=preset, height=height, width=width, frames=frames, dtype=dtype, vae_tiling=vae_tiling)
-    if gpus < 1:
-        raise ConfigError(f"--gpus {gpus}: must be at least 1")
-    dit = get_preset(preset)
-    table = topology_table(dit, topology_file)
-    chosen = table.resolve(
-        height=height, width=width, frames=frames, world_size=gpus, cfg=cfg, dp=dp, ulysses=ulysses, ring=ring
-    )
-    topo = chosen.topology
-    grid, latent = dit.token_grid(height, width, frames), dit.latent_grid(height, width, frames)
-    n = math.prod(grid)
+    with the same messages `generate` gives (both from ``resolve_job``)."""
+    run = plan_config(preset=preset, height=height, width=width, frames=frames, dtype=dtype, cfg=cfg, dp=dp,
+                      ulysses=ulysses, ring=ring, vae_tiling=vae_tiling, knobs=memory_knobs,
+                      topology_file=topology_file)
+    job = resolve_job(run, world=gpus, device=torch.device("cuda"), check_files=False,
+                      text_weights=memory_knobs is not None and memory_knobs.text_llm)
+    return plan_of(job, placement=memory_knobs is not None)
+
+
+def plan_of(job: ResolvedJob, *, placement: bool) -> Plan:
+    """The `plan` view of a resolved job (``placement``: show its memory plan)."""
+    cfg, dit, topo = job.cfg, job.dit, job.topology.topology
+    latent, n = dit.latent_grid(cfg.height, cfg.width, cfg.frames), job.num_tokens
     per_rank, padded = shard_length(n, topo.sp), padded_length(n, topo.sp)
+    text = job.family.text.max_tokens
     return Plan(
-        preset=preset, height=height, width=width, frames=frames, gpus=gpus, dtype=dtype,
-        heads=dit.num_heads, topologies=factorisations(gpus, dit.num_heads, cfg=cfg, dp=dp),
-        chosen=chosen, reason=explain(chosen, table, height, width, frames, ulysses, ring),
-        latent_grid=latent, token_grid=grid, image_tokens=n, tokens_per_rank=per_rank,
-        padded_tokens=padded, pad_tokens=padded - n, text_tokens=TEXT_LEN,
-        memory=estimate_memory(dit, dtype, per_rank, topo, latent, vae_tiling),
-        placement=None if memory_knobs is None else _placement(memory_knobs, preset, dit, chosen, height, width,
-                                                                frames, gpus, dtype),
-    )
-
-
-def _placement(knobs, preset, dit, chosen, height, width, frames, gpus, dtype) -> JobMemory:
-    """What `generate` would choose with these memory flags (launcher/memory_plan.py)."""
-    t = chosen.topology
-
-    def shape_for(degree: int):
-        return JobShape(preset=preset, dit=dit, height=height, width=width, frames=frames, dtype=dtype, world=gpus,
-                        dp=t.dp, cfg_degree=t.cfg, ulysses=t.ulysses, ring=t.ring, text_llm=knobs.text_llm), chosen
-
-    return plan_job(knobs, shape_for, [t.cfg], None)
-
-
-def check_job(*, preset: str, height: int, width: int, frames: int, dtype: str, vae_tiling: str) -> None:
-    """`generate`'s own checks of these values (``RunConfig`` validation, so the same messages).
-    The RunConfig is built only to be validated: its prompt and output folder are placeholders."""
-    RunConfig(
-        preset=preset, model_dir=None, prompts=("plan",), height=height, width=width, frames=frames,
-        steps=1, seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."), dtype=dtype,
-        vae_tiling=vae_tiling,
-    )
-
-
-def topology_table(dit: HunyuanVideoConfig, path: str | os.PathLike | None = None) -> TopologyTable:
-    """The table `generate` resolves with (``launcher/job.py``). Default: the model family's YAML,
-    without its rows for a preset of another head count (they were chosen for the table's heads).
-    ``path`` (``--topology``): that file, validated the same way; its heads must be the preset's.
-    Raises TopologyError naming the file."""
-    if path is not None:
-        try:
-            table = load_topology_table(path)
-        except TopologyError as err:
-            raise TopologyError(f"--topology {err}") from None
-        if table.heads != dit.num_heads:
-            raise TopologyError(
-                f"--topology {table.path}: a table for {table.heads} heads; preset {dit.name} has {dit.num_heads}"
-            )
-        return table
-    table = load_topology_table(default_table_path("hunyuan_video"))
-    if table.heads != dit.num_heads:
-        table = dataclasses.replace(table, heads=dit.num_heads, entries={})
-    return table
-
-
-def explain(chosen: ResolvedTopology, table: TopologyTable, height, width, frames, ulysses, ring) -> str:
-    """Why this topology: the explicit flags, the table row, or the rule."""
-    topo, path = chosen.topology, os.path.relpath(table.path, REPO)
-    path = table.path if path.startswith("..") else path  # --topology files outside the checkout: as given
-    if chosen.source == "explicit":
-        flags = " ".join(f"--{k} {v}" for k, v in (("ulysses", ulysses), ("ring", ring)) if v is not None)
-        return f"explicit override {flags}"
-    if chosen.source == "table":
-        e = chosen.entry
-        published = ", ".join(f"{u}x{r}" for u, r in e.published)
-        return f"table {path}: row {e.key} on {e.gpus} sequence-parallel GPUs, default of {published}"
-    return (
-        f"rule: {path} has no row for {height}x{width}x{frames} on {topo.sp} sequence-parallel GPUs; "
-        f"the largest ulysses dividing {table.heads} heads, then ring = {topo.sp} / ulysses"
+        preset=cfg.preset, height=cfg.height, width=cfg.width, frames=cfg.frames, gpus=job.world, dtype=cfg.dtype,
+        heads=dit.num_heads, topologies=factorisations(job.world, dit.num_heads, cfg=topo.cfg, dp=topo.dp),
+        chosen=job.topology, reason=job.reason, latent_grid=latent, token_grid=job.token_grid, image_tokens=n,
+        tokens_per_rank=per_rank, padded_tokens=padded, pad_tokens=padded - n, text_tokens=text,
+        memory=estimate_memory(job, per_rank), placement=job.memory if placement else None,
     )
 
 
@@ -194,33 +137,26 @@ def dit_parameter_count(preset: str) -> int:
     return sum(p.numel() for p in models.build_model(preset, device="meta").parameters())
 
 
-@functools.cache
-def vae_parameter_count(vae_preset: str) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in HunyuanVideoVAE(VAE_PRESETS[vae_preset]).parameters())
-
-
-def estimate_memory(
-    dit: HunyuanVideoConfig, dtype: str, local_tokens: int, topo: Topology, latent, tiling: str
-) -> MemoryEstimate:
-    """Per-rank bytes of the denoise and decode phases (formulas in ``launcher/memory_estimate.py``)."""
-    params = dit_parameter_count(dit.name)
+def estimate_memory(job: ResolvedJob, local_tokens: int) -> MemoryEstimate:
+    """Per-rank bytes of the denoise and decode phases (formulas in ``launcher/memory_estimate.py``
+    and the family's VAE model)."""
+    cfg, dit, topo, vae = job.cfg, job.dit, job.topology.topology, job.family.vae
+    params = dit_parameter_count(cfg.preset)
     acts = dit_activations(
-        image_tokens=local_tokens, text_tokens=TEXT_LEN, hidden=dit.hidden_size, mlp_hidden=dit.mlp_hidden,
-        ulysses=topo.ulysses, ring=topo.ring, dtype_bytes=DTYPE_BYTES[dtype],
+        image_tokens=local_tokens, text_tokens=job.family.text.max_tokens, hidden=dit.hidden_size,
+        mlp_hidden=dit.mlp_hidden, ulysses=topo.ulysses, ring=topo.ring, dtype_bytes=job.dtype.itemsize,
     )
-    tile_cfg = vae_tiling_config(tiling)
-    calibrated = dit.vae_preset == CALIBRATED_VAE
-    notes = []
-    if not calibrated:
-        notes.append(f"VAE decode: no measurements for the {dit.vae_preset!r} VAE; not estimated")
-    elif tile_cfg is None and math.prod(latent) > VAE_LARGEST_MEASURED_UNTILED:
-        notes.append("VAE decode: untiled beyond the largest measured latent (17x40x40); extrapolated")
+    tiling = vae.tilings[0] if cfg.vae_tiling == "auto" else cfg.vae_tiling
+    latent = dit.latent_grid(cfg.height, cfg.width, cfg.frames)
+    calibrated = vae.calibrated(dit)
+    notes = [] if calibrated else [f"VAE decode: no measurements for the {cfg.preset!r} preset's VAE; not estimated"]
+    if calibrated and vae.note(latent, tiling):
+        notes.append(vae.note(latent, tiling))
     return MemoryEstimate(
-        dit_params=params, dit_weights=params * DTYPE_BYTES[dtype], activations=acts,
-        vae_tiling="release" if tiling == "auto" else tiling, vae_tile=vae_tile(latent, tile_cfg),
-        vae_weights=vae_parameter_count(dit.vae_preset) * VAE_DTYPE_BYTES if calibrated else None,
-        vae_decode=vae_decode_bytes(latent, tile_cfg) if calibrated else None, notes=tuple(notes),
+        dit_params=params, dit_weights=params * job.dtype.itemsize, activations=acts,
+        vae_tiling=tiling, vae_tile=vae.tile_shape(latent, tiling),
+        vae_weights=vae.weight_bytes(dit) if calibrated else None,
+        vae_decode=vae.decode_bytes(latent, tiling) if calibrated else None, notes=tuple(notes),
     )
 
 
@@ -285,7 +221,7 @@ def _memory_lines(plan: Plan) -> list[str]:
         vae = f"{mem.vae_tiling} tiling, largest tile {_grid(mem.vae_tile)} latents, fp16"
     if mem.vae_weights is not None:
         vae += f", incl. {mem.vae_weights / GIB:.2f} VAE weights"
-    weights = f"{mem.dit_params:,} params x {DTYPE_BYTES[plan.dtype]} B ({plan.dtype})"
+    weights = f"{mem.dit_params:,} params x {DTYPES[plan.dtype].itemsize} B ({plan.dtype})"
     forward = f"{plan.tokens_per_rank:,} + {plan.text_tokens} tokens ({acts.peak_phase} phase of one block)"
     others = f"{mem.denoise / GIB:.2f} on the others"
     return [*_placement_lines(plan),
@@ -359,7 +295,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", help="HEIGHTxWIDTH in pixels, multiples of 16 (default: the preset's)")
     p.add_argument("--frames", type=int, help="4n+1 frames (default: the preset's)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs (world size) the job would run on")
-    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="DiT weights and activations")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="DiT weights and activations")
     p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
                    help="2: classic CFG (negative prompt) with the two passes on separate ranks")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
@@ -378,11 +314,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    defaults = PRESET_DEFAULTS.get(args.preset)
-    if defaults is None:
-        from models import list_presets
-
-        raise ConfigError(f"--preset {args.preset!r} is unknown; valid: {', '.join(list_presets())}")
+    defaults = family_of(args.preset).defaults[args.preset]
     height, width = parse_size(args.size) if args.size else (defaults.height, defaults.width)
     return make_plan(
         preset=args.preset, height=height, width=width,
@@ -392,14 +324,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     )
 
 
-def _memory_knobs(args: argparse.Namespace) -> SimpleNamespace | None:
+def _memory_knobs(args: argparse.Namespace) -> MemoryKnobs | None:
     if args.max_gpu_memory is None and args.memory_profile is None and args.stream_blocks is None and args.fp8 == "off":
         return None
     budget = None if args.max_gpu_memory is None else parse_memory(args.max_gpu_memory)
-    if args.fp8 == "auto" and budget is None:
-        raise ConfigError("--fp8 auto lets the planner choose FP8 under --max-gpu-memory: give a budget")
-    return SimpleNamespace(max_gpu_memory=budget, memory_profile=args.memory_profile, fp8=args.fp8,
-                           stream_blocks=args.stream_blocks, prefetch=1, text_llm=args.with_text_encoder)
+    return MemoryKnobs(max_gpu_memory=budget, memory_profile=args.memory_profile, fp8=args.fp8,
+                       stream_blocks=args.stream_blocks, text_llm=args.with_text_encoder)
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ must divide the GPUs per node (each all-to-all group stays inside a node, see
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import shlex
 import shutil
@@ -22,12 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from models.hunyuan_video import HunyuanVideoConfig, get_preset
-from parallel.topology import ResolvedTopology, Topology
+import torch
+
+from parallel.topology import Topology
 
 from .cli import add_generate_args, run_config_from_args
-from .config import ConfigError, RunConfig
-from .plan import explain, topology_table
+from .config import ConfigError
+from .resolve import ResolvedJob, resolve_job
 from .sbatch import SbatchJob, render_sbatch
 
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
@@ -70,43 +70,18 @@ def check_job_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {value!r}: letters, digits and _.,:+=@%- only (no spaces or quotes)")
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def resolve_cluster_job(args: argparse.Namespace) -> ResolvedJob:
+    """`generate`'s resolution of this job on nodes x GPUs-per-node ranks, with every Ulysses
+    group inside one node (its all-to-alls run every layer). The GPUs are on the cluster: no
+    device memory to plan for here, and output paths are checked there."""
+    cfg = run_config_from_args(args)
+    device = torch.device("cpu" if args.device == "cpu" else "cuda")
+    if cfg.model_dir is not None:  # the folder must exist here too (it is validated, then passed on)
+        from models import get_family
 
-
-def node_local_topology(cfg: RunConfig, dit: HunyuanVideoConfig, nodes: int, per_node: int) -> tuple[ResolvedTopology, str]:
-    """The topology for nodes x per_node ranks with every Ulysses group inside one node, and why.
-
-    Explicit --ulysses/--ring are checked (a Ulysses degree that does not divide the GPUs per node
-    is refused); otherwise the usual choice (table, then rule) is kept when it already fits, and
-    else replaced by the largest ulysses dividing the heads and the GPUs per node, ring = the rest."""
-    from .job import choose_topology  # not at import time: the parser is built for every command
-
-    try:
-        chosen = choose_topology(cfg, dit, nodes * per_node)
-    except ConfigError as err:
-        if nodes == 1:
-            raise
-        raise ConfigError(f"{err} (on {nodes} nodes ulysses must also divide --gpus-per-node {per_node})") from None
-    topo = chosen.topology
-    fits = [u for u in divisors(topo.sp) if dit.num_heads % u == 0 and per_node % u == 0]
-    if per_node % topo.ulysses == 0:
-        table = topology_table(dit)
-        return chosen, explain(chosen, table, cfg.height, cfg.width, cfg.frames, cfg.ulysses, cfg.ring)
-    if chosen.source == "explicit":
-        given = " ".join(f"--{k} {v}" for k, v in (("ulysses", cfg.ulysses), ("ring", cfg.ring)) if v is not None)
-        raise ConfigError(
-            f"{given} on {nodes} nodes x {per_node} GPUs: ulysses {topo.ulysses} does not divide "
-            f"--gpus-per-node {per_node}, so a Ulysses group (all-to-all every layer) would span nodes; "
-            f"valid --ulysses: {', '.join(map(str, reversed(fits)))} (ring = {topo.sp} / ulysses)"
-        )
-    u = max(fits)
-    topo = dataclasses.replace(topo, ulysses=u, ring=topo.sp // u)
-    reason = (
-        f"rule for {nodes} nodes: the largest ulysses dividing {dit.num_heads} heads and {per_node} GPUs "
-        f"per node ({chosen.topology.sp_label} would span nodes), ring = {topo.sp} / {u} across nodes"
-    )
-    return ResolvedTopology(topology=topo, source="rule", entry=chosen.entry), reason
+        get_family(cfg.preset).check_model_dir(cfg.model_dir)
+    return resolve_job(cfg, world=args.nodes * args.gpus_per_node, device=device,
+                       gpus_per_node=args.gpus_per_node, check_files=False)
 
 
 def passthrough_args(args: argparse.Namespace) -> list[str]:
@@ -148,10 +123,9 @@ def render_command(args: argparse.Namespace) -> str:
 def build_job(args: argparse.Namespace) -> SbatchJob:
     """Validate everything (raises ConfigError) and describe the batch job."""
     check_job_args(args)
-    cfg = run_config_from_args(args)
-    dit = get_preset(cfg.preset)
-    chosen, reason = node_local_topology(cfg, dit, args.nodes, args.gpus_per_node)
-    topo: Topology = chosen.topology
+    job = resolve_cluster_job(args)
+    topo: Topology = job.topology.topology
+    reason = job.reason
     gpus = args.device != "cpu"
     cpus = args.cpus_per_task or (4 * args.gpus_per_node if gpus else args.gpus_per_node)
     return SbatchJob(

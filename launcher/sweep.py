@@ -190,9 +190,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     except (SweepError, report.ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from models import get_preset
+    from models import get_family
 
-    configs = enumerate_configs(spec, get_preset(spec.preset).num_heads)
+    configs = enumerate_configs(spec, get_family(spec.preset).config(spec.preset).num_heads)
     if args.dry_run:
         for c in configs:
             print(f"{c.name}: {shlex.join(launch_command(c, spec, spec.output_dir / 'runs' / c.name))}")

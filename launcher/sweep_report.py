@@ -257,7 +257,7 @@ def topology_yaml(rows: list[dict]) -> str:
     table `generate --topology` accepts (validated before it is returned)."""
     import yaml
 
-    from models import get_preset
+    from models import get_family
     from parallel.topology import parse_topology_table
 
     models = sorted({r["model"] for r in rows})
@@ -274,8 +274,8 @@ def topology_yaml(rows: list[dict]) -> str:
         f"# Written by `python -m launcher sweep` ({date.today().isoformat()}, {devices}). For each size, frames and",
         "# sequence-parallel GPU count: default = the fastest native ulysses x ring measured (median s/step",
         "# after warm-up), published = every one measured, fastest first. Use: generate --topology THIS_FILE",
-        "model: hunyuan_video",
-        f"heads: {get_preset(models[0]).num_heads}",
+        f"model: {get_family(models[0]).name}",
+        f"heads: {get_family(models[0]).config(models[0]).num_heads}",
         "entries:" if best else "entries: []",
     ]
     for (h, w, f), per_gpus in sorted(best.items(), key=lambda kv: (-kv[0][0] * kv[0][1], kv[0][2])):

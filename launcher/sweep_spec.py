@@ -127,15 +127,21 @@ def _as_list(value, name: str) -> list[str]:
     return out
 
 
-def _parse_size(text: str, preset: str) -> tuple[int, int, int]:
-    from .plan import check_job
+def _parse_size(text: str, preset: str, device: str) -> tuple[int, int, int]:
+    """``HxWxF``, checked as `generate` checks it (the resolver, on one rank)."""
+    import torch
+
+    from .plan import plan_config
+    from .resolve import resolve_job
 
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise SweepError(f"--sizes {text!r}: expected HEIGHTxWIDTHxFRAMES such as 720x1280x129")
     h, w, f = (int(p) for p in parts)
     try:
-        check_job(preset=preset, height=h, width=w, frames=f, dtype="bf16", vae_tiling="auto")
+        run = plan_config(preset=preset, height=h, width=w, frames=f, dtype="bf16", cfg=1, dp=1, ulysses=None,
+                          ring=None, vae_tiling="auto", knobs=None, topology_file=None)
+        resolve_job(run, world=1, device=torch.device("cuda" if device == "cuda" else "cpu"), check_files=False)
     except ConfigError as err:
         raise SweepError(f"--sizes {text}: {err}") from None
     return h, w, f
@@ -166,9 +172,7 @@ def _resolve_device(device: str) -> str:
 
 def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     """Flags over the sweep file over the built-in defaults, validated (raises SweepError)."""
-    from models import get_preset, list_presets
-
-    from .config import PRESET_DEFAULTS
+    from models import get_family, list_presets
 
     file = load_sweep_file(args.sweep) if args.sweep else {}
 
@@ -179,9 +183,10 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     preset = get("preset")
     if preset not in list_presets():
         raise SweepError(f"--preset {preset!r} is unknown; valid: {', '.join(list_presets())}")
-    heads = get_preset(preset).num_heads
-    d = PRESET_DEFAULTS[preset]
-    sizes = tuple(_parse_size(s, preset) for s in _as_list(get("sizes") or f"{d.height}x{d.width}x{d.frames}", "sizes"))
+    family = get_family(preset)
+    heads, d = family.config(preset).num_heads, family.defaults[preset]
+    device = _resolve_device(get("device"))
+    sizes = tuple(_parse_size(s, preset, device) for s in _as_list(get("sizes") or f"{d.height}x{d.width}x{d.frames}", "sizes"))
     try:
         gpus = tuple(sorted({int(g) for g in _as_list(get("gpus"), "gpus")}))
     except ValueError:

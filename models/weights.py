@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .family import ModelInputError
+
 StateDict = dict[str, torch.Tensor]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -31,7 +33,7 @@ def _dir_candidates(prefer_fp8: bool = False) -> list[str]:
 _WRAPPER_KEYS = ("module", "ema", "state_dict", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelInputError):
     """A checkpoint that cannot be read or does not match the model."""
 
 

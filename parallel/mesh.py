@@ -279,13 +279,6 @@ def _default_group_timeout(device: torch.device) -> _dt.timedelta:
         return _dt.timedelta(seconds=DEFAULT_TIMEOUT_S)
 
 
-def init_parallel(topology: Topology, **init_kwargs) -> ParallelMesh:
-    """:func:`init_distributed` then :func:`build_parallel_mesh` for ``topology``."""
-    info = init_distributed(**init_kwargs)
-    dims = ParallelDims.from_topology(topology, info.world_size)
-    return build_parallel_mesh(dims, device=info.device, timeout=info.timeout)
-
-
 def teardown(abort: bool = False) -> None:
     """Destroy every process group; safe to call when none exists (use in ``finally``).
     ``abort``: after a failure, abort the communicators instead of waiting for peers' work."""

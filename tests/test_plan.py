@@ -13,17 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from launcher.config import ConfigError
-from launcher.memory_estimate import (
-    GIB,
-    VAE_DECODE_MEASURED_GIB,
-    dit_activations,
-    vae_decode_bytes,
-    vae_tile,
-    vae_tiling_config,
-)
+from launcher.memory_estimate import GIB, dit_activations
 from launcher.plan import add_plan_args, make_plan, run_plan
 from models.hunyuan_video import get_preset
 from models.hunyuan_video.blocks import DoubleStreamBlock, SingleStreamBlock
+from models.hunyuan_video.vae_memory import VAE_DECODE_MEASURED_GIB, vae_decode_bytes, vae_tile, vae_tiling_config
 from parallel.topology import Topology, TopologyError
 
 RELEASE_PARAMS = 12_821_012_544

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 import models
-from launcher.config import RunConfig
 from launcher.memory_plan import Placement
 from launcher.pipeline import build_dit
 from parallel.placement import meta_copy, place_blocks
@@ -103,9 +102,7 @@ def test_dit_with_streamed_blocks_equals_build_model(streamed):
     """Random weights materialised block by block (init_random_ with the block's prefix) are the
     weights of a whole `build_model`, and the forward is bit-identical."""
     ref = models.build_model("tiny", dtype=torch.float32)
-    cfg = RunConfig(preset="tiny", model_dir=None, prompts=("x",), height=64, width=96, frames=9, steps=1,
-                    seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."))
-    model, placed = build_dit(cfg, None, torch.device("cpu"), torch.float32, Placement(streamed=streamed))
+    model, placed = build_dit(models.get_family("tiny"), "tiny", None, torch.device("cpu"), torch.float32, Placement(streamed=streamed))
     try:
         c = ref.config
         grid = c.token_grid(64, 96, 9)
@@ -175,13 +172,13 @@ def test_out_of_memory_falls_back_once_and_says_so(tmp_path, monkeypatch):
     from launcher.__main__ import main
     from launcher.memory_plan import estimate
 
-    plan_memory, denoise_all = job.plan_memory, job._denoise_all
+    resolve_job, denoise_all = job.resolve_job, job._denoise_all
     calls = []
 
-    def with_fallback(cfg, dit, world, device, dtype):
-        planned = plan_memory(cfg, dit, world, device, dtype)
-        shape = _tiny_shape(dit)
-        return dataclasses.replace(planned, fallback=estimate(shape, Placement(streamed=4)))
+    def with_fallback(cfg, **kwargs):
+        resolved = resolve_job(cfg, **kwargs)
+        fallback = estimate(_tiny_shape(resolved.dit), Placement(streamed=4))
+        return dataclasses.replace(resolved, memory=dataclasses.replace(resolved.memory, fallback=fallback))
 
     def oom_first(j, plan, *args):
         calls.append(plan.placement.streamed)
@@ -189,7 +186,7 @@ def test_out_of_memory_falls_back_once_and_says_so(tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return denoise_all(j, plan, *args)
 
-    monkeypatch.setattr(job, "plan_memory", with_fallback)
+    monkeypatch.setattr(job, "resolve_job", with_fallback)
     monkeypatch.setattr(job, "_denoise_all", oom_first)
     out = tmp_path / "fallback"
     argv = ["generate", "--preset", "tiny", "--steps", "2", "--seed", "7", "--save-latents", "--output-dir", str(out),
@@ -214,12 +211,10 @@ def _tiny_shape(dit):
 def test_fp8_blocks_stream_like_any_other():
     """FP8 storage with every block streamed computes exactly what FP8 resident does, and stays
     within FP8's error of the plain model (tolerance as tests/test_fp8.py states for the DiT)."""
-    cfg = RunConfig(preset="tiny", model_dir=None, prompts=("x",), height=64, width=96, frames=9, steps=1,
-                    seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."))
     cpu = torch.device("cpu")
-    plain, _ = build_dit(cfg, None, cpu, torch.float32, Placement())
-    resident, _ = build_dit(cfg, None, cpu, torch.float32, Placement(fp8="storage"))
-    streamed, placed = build_dit(cfg, None, cpu, torch.float32, Placement(fp8="storage", streamed=4))
+    plain, _ = build_dit(models.get_family("tiny"), "tiny", None, cpu, torch.float32, Placement())
+    resident, _ = build_dit(models.get_family("tiny"), "tiny", None, cpu, torch.float32, Placement(fp8="storage"))
+    streamed, placed = build_dit(models.get_family("tiny"), "tiny", None, cpu, torch.float32, Placement(fp8="storage", streamed=4))
     c = plain.config
     grid = c.token_grid(64, 96, 9)
     gen = torch.Generator().manual_seed(3)

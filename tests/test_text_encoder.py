@@ -284,14 +284,15 @@ def test_builtin_dtype_and_device():
 
 
 def test_streamed_llm_layers_encode_the_same(ckpts, enc):
-    """The LLM's decoder layers streamed from host memory (launcher.pipeline.stream_llm, for GPU
+    """The LLM's decoder layers streamed from host memory (launcher.pipeline.stream_text, for GPU
     budgets below the LLM's size) give the same states as the resident encoder."""
-    from launcher.pipeline import stream_llm
+    import models
+    from launcher.pipeline import stream_text
 
     prompts = ["A cat walks on the grass", "a red fox"]
     want = enc.encode(prompts)
     streamed = HunyuanTextEncoders.from_pretrained(ckpts["release"], device="cpu", dtype=torch.float32)
-    placed = stream_llm(streamed, torch.device("cpu"))
+    placed = stream_text(models.get_family("hunyuan-video-13b"), streamed, torch.device("cpu"))
     try:
         assert len(placed.streamed) == len(streamed.llm.model.layers)
         got = streamed.encode(prompts)

@@ -8,7 +8,14 @@ stores the final layer's (shift, scale) as (scale, shift); both directions are l
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
 import torch
+from torch import nn
+
+from ..fp8 import float8_modules
+from ..fp8_checkpoint import prepare_state_dict
+from ..weights import assign_state_dict, check_state_dict, read_files, resolve_checkpoint
 
 StateDict = dict[str, torch.Tensor]
 
@@ -177,3 +184,30 @@ def _fused_name(src_prefix: str, piece: str) -> str | None:
             return fused
     return None
 
+
+def load_dit_weights(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    prefer_fp8: bool | None = None,
+    quantize_device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load the release's pickle (`module`/`ema`), safetensors, or the diffusers layout into
+    `model`, strictly: missing, unexpected or mis-shaped keys raise CheckpointError naming them.
+
+    FP8 (models/fp8.py, models/fp8_checkpoint.py): a model with Float8Linear modules (from
+    `fp8.quantize_model`) takes the release's fp8 file with its scale map (preferred in a model
+    directory unless `prefer_fp8` is False) or quantises a bf16 checkpoint while reading it, one
+    tensor at a time on `quantize_device` (default: the CPU); a plain model given an fp8 file gets
+    the weights dequantised to its dtype."""
+    if prefer_fp8 is None:
+        prefer_fp8 = bool(float8_modules(model))
+    files = resolve_checkpoint(path, prefer_fp8=prefer_fp8)
+    sd = read_files(files)
+    if is_diffusers_layout(sd):
+        sd = diffusers_to_official(sd)
+    source = files[0] if len(files) == 1 else f"{path} ({len(files)} files)"
+    sd = prepare_state_dict(model, sd, files, device=quantize_device)
+    check_state_dict(model, sd, source, target=f"the {model.config.name} DiT")
+    assign_state_dict(model, sd)
+    return model

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..family import ModelInputError
 from ..sampling import TextConditioning
 from ..text_builtin import BuiltinTextEncoder, check_prompts
 
@@ -49,7 +50,7 @@ HIDDEN_STATE_INDEX = -3  # the release's hidden_state_skip_layer=2, without the 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(ModelInputError):
     """Encoder folders that are missing, incomplete or do not fit the model."""
 
 

@@ -1,0 +1,193 @@
+"""The one resolver: a run's arguments + the world size + the device's memory -> the job that runs.
+
+Pure: no process group, no CUDA call, no weights (only cheap file checks). `generate` (on every
+rank, before the first collective), `plan`, `slurm` and `sweep` all call :func:`resolve_job`, so
+each rule and each message exists once and `plan` prints what `generate` will do:
+
+    RunConfig (validated) --> family, DiT config, dtypes
+      -> topology: the family's YAML table (or --topology), explicit degrees, the rule;
+         Ulysses kept inside a node for multi-node jobs
+      -> memory plan (launcher/memory_plan.py): placement, CFG degree, VAE tiles, budget
+      -> attention backend limits, weight folders, output paths
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import ModelFamily, ModelInputError, get_family
+from parallel.backends import backend_problem
+from parallel.topology import ResolvedTopology, TopologyError, TopologyTable, explain, node_local, table_for
+
+from .config import DTYPES, ConfigError, RunConfig
+from .memory_plan import JobMemory, JobShape, plan_job
+
+
+class JobTopologyError(ConfigError, TopologyError):
+    """A topology that cannot run this job (a ConfigError for `generate`: exit code 2)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedJob:
+    """Everything decided about a job before it runs; every rank holds an identical one."""
+
+    cfg: RunConfig
+    family: ModelFamily
+    dit: Any  # the family's DiT config
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    text_dtype: torch.dtype
+    table: TopologyTable
+    topology: ResolvedTopology
+    reason: str  # why this topology
+    memory: JobMemory
+    paths: list[dict[str, Path]] | None  # per prompt; None until a seed exists
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        return self.dit.token_grid(self.cfg.height, self.cfg.width, self.cfg.frames)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.token_grid)
+
+    @property
+    def guidance(self) -> float | None:
+        """The embedded guidance scale the DiT takes, or None for a DiT without one."""
+        embedded = self.family.guidance == "embedded" and getattr(self.dit, "guidance_embed", True)
+        return self.cfg.guidance if embedded else None
+
+    @property
+    def vae_tiling(self) -> str:
+        """--vae-tiling, with auto = the memory plan's tiles."""
+        return self.cfg.vae_tiling if self.cfg.vae_tiling != "auto" else self.memory.plan.placement.vae_tiling
+
+    @property
+    def table_path(self) -> str:
+        return self.table.path
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def resolve_dtypes(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(DiT dtype, text encoder dtype): auto = bf16 / fp16 on GPU (the release's --precision and
+    --text-encoder-precision), fp32 on the CPU."""
+    cuda = device.type == "cuda"
+    dit = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
+    text = DTYPES[cfg.text_dtype] if cfg.text_dtype != "auto" else (torch.float16 if cuda else torch.float32)
+    return dit, text
+
+
+def cfg_options(cfg: RunConfig, world: int) -> list[int]:
+    """CFG degrees to try: the user's, else in parallel (2) when CFG is on and the ranks split
+    evenly, then one after the other (1) if the planner finds 2 does not fit."""
+    if cfg.cfg_degree is not None:
+        return [cfg.cfg_degree]
+    return [2, 1] if cfg.uses_cfg and world % (2 * cfg.dp) == 0 else [1]
+
+
+def choose_topology(cfg: RunConfig, dit, table: TopologyTable, world: int, cfg_degree: int,
+                    gpus_per_node: int | None = None) -> tuple[ResolvedTopology, str]:
+    """Degrees for this job and why: explicit flags, else the table's row, else the rule; on
+    several nodes, Ulysses groups kept inside a node. Raises ConfigError."""
+    try:
+        chosen = table.resolve(height=cfg.height, width=cfg.width, frames=cfg.frames, world_size=world,
+                               cfg=cfg_degree, dp=cfg.dp, ulysses=cfg.ulysses, ring=cfg.ring)
+    except TopologyError as err:
+        nodes = world // gpus_per_node if gpus_per_node else 1
+        extra = f" (on {nodes} nodes ulysses must also divide --gpus-per-node {gpus_per_node})" if nodes > 1 else ""
+        raise JobTopologyError(f"{err}{extra}") from None
+    reason = explain(chosen, table, cfg.height, cfg.width, cfg.frames, cfg.ulysses, cfg.ring)
+    if gpus_per_node is None or gpus_per_node >= world:
+        return chosen, reason
+    flags = " ".join(f"--{k} {v}" for k, v in (("ulysses", cfg.ulysses), ("ring", cfg.ring)) if v is not None)
+    try:
+        local, why = node_local(chosen, dit.num_heads, world // gpus_per_node, gpus_per_node,
+                                flags if chosen.source == "explicit" else None)
+    except TopologyError as err:
+        raise JobTopologyError(str(err)) from None
+    return local, why or reason
+
+
+def output_paths(cfg: RunConfig, index: int) -> dict[str, Path]:
+    """Where prompt `index`'s files go; refuses up front to overwrite unless --overwrite."""
+    from .video import output_stem
+
+    stem = output_stem(cfg.prompts[index], cfg.seed + index)
+    paths = {"video": cfg.output_dir / f"{stem}.mp4", "record": cfg.output_dir / f"{stem}.json"}
+    if cfg.no_video:  # the latents are then the result
+        del paths["video"]
+    if cfg.save_latents or cfg.no_video:
+        paths["latents"] = cfg.output_dir / f"{stem}.latents.safetensors"
+    if cfg.save_grid:
+        paths["grid"] = cfg.output_dir / f"{stem}.png"
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
+    return paths
+
+
+def _plan_memory(cfg: RunConfig, dit, table: TopologyTable, world: int, dtype: torch.dtype,
+                 device_memory: int | None, gpus_per_node: int | None, text_weights: bool):
+    """The memory plan and the topology (and its reason) of the plan's CFG degree."""
+    chosen: dict[int, tuple[ResolvedTopology, str]] = {}
+
+    def shape_for(degree: int):
+        chosen[degree] = choose_topology(cfg, dit, table, world, degree, gpus_per_node)
+        t = chosen[degree][0].topology
+        shape = JobShape(preset=cfg.preset, dit=dit, height=cfg.height, width=cfg.width, frames=cfg.frames,
+                         dtype=dtype_name(dtype), world=world, dp=t.dp, cfg_degree=t.cfg, ulysses=t.ulysses,
+                         ring=t.ring, text_llm=text_weights)
+        return shape, chosen[degree][0]
+
+    memory = plan_job(cfg, shape_for, cfg_options(cfg, world), device_memory)
+    return memory, chosen[memory.topology.topology.cfg][1]
+
+
+def check_attention(cfg: RunConfig, num_tokens: int, topology: ResolvedTopology, device_type: str) -> None:
+    """The --attention backend's limits (CUDA, package, SP size, even tokens)."""
+    problem = backend_problem(cfg.attention, device_type=device_type, sp_size=topology.topology.sp,
+                              num_tokens=num_tokens)
+    if problem is not None:
+        raise ConfigError(f"--attention {cfg.attention}: {problem}")
+
+
+def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memory: int | None = None,
+                gpus_per_node: int | None = None, check_files: bool = True,
+                text_weights: bool | None = None) -> ResolvedJob:
+    """The job ``cfg`` makes on ``world`` ranks of ``device`` type with ``device_memory`` bytes per
+    GPU (None: no GPU to plan for; a --max-gpu-memory budget still is). ``gpus_per_node``: keep
+    Ulysses inside a node (multi-node jobs). ``check_files``: the weight folders and output paths
+    (off where the job runs elsewhere, e.g. a batch file rendered for a cluster). ``text_weights``:
+    whether the family's real text encoder is loaded (default: with --model-dir). Raises ConfigError
+    (or the family's ModelInputError) with the message every rank prints alike."""
+    if world < 1:
+        raise ConfigError(f"--gpus {world}: must be at least 1")
+    family = get_family(cfg.preset)
+    dit = family.config(cfg.preset)
+    dtype, text_dtype = resolve_dtypes(cfg, device)
+    if check_files and cfg.model_dir is not None:
+        family.check_model_dir(cfg.model_dir)
+    # Output names carry the seed: without one they are checked once rank 0 has drawn it.
+    paths = [output_paths(cfg, i) for i in range(len(cfg.prompts))] if check_files and cfg.seed is not None else None
+    try:
+        table = table_for(family.topology_path(), dit.num_heads, cfg.topology_file, model=f"preset {cfg.preset}")
+    except TopologyError as err:
+        raise JobTopologyError(str(err)) from None
+    text_weights = cfg.model_dir is not None if text_weights is None else text_weights
+    memory, reason = _plan_memory(cfg, dit, table, world, dtype, device_memory, gpus_per_node, text_weights)
+    check_attention(cfg, math.prod(dit.token_grid(cfg.height, cfg.width, cfg.frames)), memory.topology, device.type)
+    return ResolvedJob(cfg=cfg, family=family, dit=dit, world=world, device=device, dtype=dtype,
+                       text_dtype=text_dtype, table=table, topology=memory.topology, reason=reason, memory=memory,
+                       paths=paths)
+
+
+__all__ = ["ModelInputError", "ResolvedJob", "cfg_options", "choose_topology", "output_paths", "resolve_job"]

@@ -1,0 +1,179 @@
+"""The model-family seam: what the launcher and parallel/ may know of a model, and nothing more.
+
+A family (HunyuanVideo, later Wan2.1, a toy one in the tests) is one frozen ``ModelFamily``
+registered here; ``get_family(preset)`` finds it. ``launcher/`` and ``parallel/`` talk to this API
+only, never to a family's own module, so a new family is one folder under ``models/`` (plus its
+topology YAML) and one ``register_family`` call.
+
+The DiT of every family keeps the two contracts of the seam:
+
+- tokens in, tokens out: ``dit(img [B, S, F], rope_cos [S, D], rope_sin [S, D], txt [B, L, T],
+  txt_mask [B, L], timestep [B], pooled [B, P], guidance [B] | None) -> [B, S, F]``, with the image
+  tokens patchified t-major (``family.patchify``) and ``dit.rope(grid)`` the RoPE rows of the
+  whole grid, so that a shard is a slice of both;
+- one joint attention, swapped by ``dit.set_attention(fn)`` (``parallel.parallelize`` does it).
+
+A family's DiT config (``family.presets[name]``) answers: ``name``, ``num_heads``, ``head_dim``,
+``hidden_size``, ``mlp_hidden``, ``in_channels``, ``guidance_embed``, ``latent_grid(h, w, f)``
+and ``token_grid(h, w, f)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+# Out-of-tree families: modules named here (comma-separated) are imported before the first lookup,
+# and each calls `register_family` (how the tests add a toy family without touching the launcher).
+FAMILIES_ENV = "VIDEODIT_FAMILIES"
+
+
+class ModelInputError(ValueError):
+    """Weight folders or files that are missing or do not fit the model (bad input: exit 2)."""
+GUIDANCE_KINDS = ("embedded", "cfg")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresetDefaults:
+    """What `generate` uses for a preset when a flag is left out."""
+
+    height: int
+    width: int
+    frames: int
+    steps: int
+    flow_shift: float = 7.0
+    guidance: float = 6.0
+    fps: int = 24
+
+
+@dataclass(frozen=True, kw_only=True)
+class VaeSpec:
+    """A family's VAE as the launcher uses it.
+
+    ``load(model_dir | None, dit_config, device, dtype)`` -> the VAE (seeded random weights of the
+    preset's size without a folder); ``decode(vae, latents [1, C, T, h, w], tiling)`` -> video
+    ``[3, F, H, W]`` in [-1, 1] on the CPU in the VAE's dtype; ``tilings``: the tiling names it
+    accepts besides "off" (the first is the default, what "auto" means without a memory plan).
+    Memory, for the planner: ``decode_bytes(latent (T, h, w), tiling)`` -> the decode's peak bytes
+    above its weights; ``tile_shape(latent, tiling)`` -> the largest tile it decodes;
+    ``weight_bytes(dit_config)`` -> its weights in ``dtype_on_gpu``; ``calibrated(dit_config)``:
+    whether the decode model was measured for this preset's VAE; ``note(latent, tiling)`` -> an
+    extrapolation the estimate makes, or None."""
+
+    load: Callable[..., nn.Module]
+    decode: Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
+    tilings: tuple[str, ...]
+    decode_bytes: Callable[[tuple[int, int, int], str], int] = lambda latent, tiling: 0
+    tile_shape: Callable[[tuple[int, int, int], str], tuple[int, int, int]] = lambda latent, tiling: latent
+    weight_bytes: Callable[[Any], int] = lambda cfg: 0
+    calibrated: Callable[[Any], bool] = lambda cfg: False
+    note: Callable[[tuple[int, int, int], str], str | None] = lambda latent, tiling: None
+    dtype_on_gpu: torch.dtype = torch.float16
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextSpec:
+    """A family's text encoder(s).
+
+    ``load(model_dir | None, dit_config, device, dtype)`` -> an encoder whose ``encode([prompt])``
+    gives a ``models.sampling.TextConditioning`` (the weightless built-in one without a folder);
+    ``max_tokens``: text tokens the DiT sees; ``streamable(encoder)`` -> ``(resident modules,
+    [(name, layer)])`` when its big layers may stream from host memory, else None;
+    ``weight_bytes(streamed)`` -> its peak GPU bytes with weights loaded (0 for the built-in)."""
+
+    load: Callable[..., Any]
+    max_tokens: int
+    streamable: Callable[[Any], tuple[list[nn.Module], list[tuple[str, nn.Module]]] | None] = lambda enc: None
+    weight_bytes: Callable[[bool], int] = lambda streamed: 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFamily:
+    """Everything the launcher needs of one model family (torchtitan's ``ModelSpec``).
+
+    ``name`` names the topology table (``configs/topology/<name>.yaml``; ``topology_table``
+    overrides the path, None = the rule alone). ``build(config, device, dtype, seed)`` -> the DiT
+    (meta device: shapes only); ``load(model, path)`` -> the checkpoint assigned strictly (a bad
+    one raises before any collective); ``blocks(model)`` -> ``[(state-dict prefix, block)]`` in
+    execution order, the unit of layer streaming and FP8; ``check_model_dir(path)`` raises when a
+    weight folder is missing (cheap, run on every rank)."""
+
+    name: str
+    presets: Mapping[str, Any]
+    defaults: Mapping[str, PresetDefaults]
+    build: Callable[..., nn.Module]
+    load: Callable[[nn.Module, Path], nn.Module]
+    blocks: Callable[[nn.Module], list[tuple[str, nn.Module]]]
+    patchify: Callable[[torch.Tensor, tuple[int, int, int]], torch.Tensor]
+    unpatchify: Callable[[torch.Tensor, tuple[int, int, int], tuple[int, int, int]], torch.Tensor]
+    text: TextSpec
+    vae: VaeSpec
+    check_model_dir: Callable[[Path], None] = lambda path: None
+    guidance: str = "embedded"  # "embedded": a distilled scale fed to the DiT; "cfg": classic CFG only
+    default_negative_prompt: str | None = None
+    size_multiple: int = 16  # height and width
+    frame_step: int = 4  # frames = frame_step * n + 1 (the VAE's temporal compression)
+    topology_table: str | None = field(default="", repr=False)  # "" = configs/topology/<name>.yaml
+
+    def __post_init__(self) -> None:
+        if self.guidance not in GUIDANCE_KINDS:
+            raise ValueError(f"family {self.name}: guidance {self.guidance!r}; valid: {', '.join(GUIDANCE_KINDS)}")
+        missing = sorted(set(self.presets) - set(self.defaults))
+        if missing:
+            raise ValueError(f"family {self.name}: presets without defaults: {', '.join(missing)}")
+
+    def config(self, preset: str):
+        return self.presets[preset]
+
+    def topology_path(self) -> str | None:
+        """The topology YAML this family's jobs resolve with (None: no table, the rule alone)."""
+        if self.topology_table != "":
+            return self.topology_table
+        root = Path(__file__).resolve().parents[1]
+        return str(root / "configs" / "topology" / f"{self.name}.yaml")
+
+
+_REGISTRY: dict[str, ModelFamily] = {}
+_loaded_env: set[str] = set()
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add ``family``; its preset names must be new (a preset names one family)."""
+    for other in _REGISTRY.values():
+        if other.name == family.name:
+            continue
+        clash = sorted(set(other.presets) & set(family.presets))
+        if clash:
+            raise ValueError(f"family {family.name}: preset(s) {', '.join(clash)} already belong to {other.name}")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def _load_env_families() -> None:
+    for module in filter(None, (m.strip() for m in os.environ.get(FAMILIES_ENV, "").split(","))):
+        if module not in _loaded_env:
+            _loaded_env.add(module)
+            importlib.import_module(module)
+
+
+def families() -> list[ModelFamily]:
+    _load_env_families()
+    return list(_REGISTRY.values())
+
+
+def list_presets() -> list[str]:
+    return sorted(p for f in families() for p in f.presets)
+
+
+def get_family(preset: str) -> ModelFamily:
+    """The family that owns ``preset``; an unknown name raises ValueError listing the valid ones."""
+    for family in families():
+        if preset in family.presets:
+            return family
+    raise ValueError(f"--preset {preset!r} is unknown; valid: {', '.join(list_presets())}")

@@ -1,0 +1,151 @@
+"""HunyuanVideo as a ``models.family.ModelFamily``: its presets, weights, text encoders and VAE
+as the launcher uses them (the launcher never imports this package directly)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
+from ..weights import init_random_
+from .config import PRESETS, HunyuanVideoConfig
+from .dit import HunyuanVideoDiT, patchify, unpatchify
+from .vae_memory import VAE_LARGEST_MEASURED_UNTILED, decode_bytes, tile_shape
+
+LLM_PARAMS = 7_500_000_000  # the release's llava-llama-3-8b language model (its 32 decoder layers)
+LLM_LAYERS = 32
+GIB = 2**30
+
+DEFAULTS = {
+    "hunyuan-video-13b": PresetDefaults(height=720, width=1280, frames=129, steps=50),
+    "hunyuan-video-2block": PresetDefaults(height=720, width=1280, frames=129, steps=50),
+    "tiny": PresetDefaults(height=64, width=96, frames=9, steps=4),
+}
+
+
+def build(cfg: HunyuanVideoConfig, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+    """The DiT in eval mode; on "meta" shapes only, else seeded random weights."""
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    device = torch.device(device)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        init_random_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+def load(model: nn.Module, path: Path, **kwargs) -> nn.Module:
+    from .checkpoint import load_dit_weights
+
+    return load_dit_weights(model, path, **kwargs)
+
+
+def blocks(model: HunyuanVideoDiT) -> list[tuple[str, nn.Module]]:
+    """The 20 double- then 40 single-stream blocks (13B), with their state-dict prefixes."""
+    return [(f"double_blocks.{i}", b) for i, b in enumerate(model.double_blocks)] + [
+        (f"single_blocks.{i}", b) for i, b in enumerate(model.single_blocks)
+    ]
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """The text encoder and VAE folders are there (the DiT's checkpoint is checked on load)."""
+    from .text_encoder import find_encoder_folders
+    from .vae import find_vae_files
+
+    find_encoder_folders(model_dir)
+    try:
+        find_vae_files(model_dir)
+    except FileNotFoundError as err:
+        raise ModelInputError(str(err)) from None
+
+
+# --- text -------------------------------------------------------------------------------------
+
+
+def load_text(model_dir: Path | None, cfg: HunyuanVideoConfig, *, device, dtype):
+    from .text_encoder import load_text_encoder
+
+    return load_text_encoder(None if model_dir is None else str(model_dir), text_dim=cfg.text_states_dim,
+                             pooled_dim=cfg.pooled_dim, device=device, dtype=dtype)
+
+
+def text_streamable(encoder):
+    """The LLM's decoder layers may stream; everything else of both encoders stays resident."""
+    from .text_encoder import HunyuanTextEncoders
+
+    if not isinstance(encoder, HunyuanTextEncoders):
+        return None
+    llm = encoder.llm.model
+    resident = [child for name, child in llm.named_children() if name != "layers"] + [encoder.clip.model]
+    return resident, [(f"layers.{i}", layer) for i, layer in enumerate(llm.layers)]
+
+
+def text_weight_bytes(streamed: bool) -> int:
+    """The LLM's peak on the GPU: all of it in 16 bits, or (streamed) embeddings/head, a few
+    layers and the activations."""
+    layer = LLM_PARAMS // LLM_LAYERS * 2
+    return 3 * layer + 2 * GIB if streamed else LLM_PARAMS * 2 + GIB
+
+
+# --- VAE --------------------------------------------------------------------------------------
+
+
+def load_vae_for(model_dir: Path | None, cfg: HunyuanVideoConfig, *, device, dtype) -> nn.Module:
+    """The release's VAE from ``model_dir``, else seeded random weights of the preset's VAE size."""
+    from .vae import VAE_PRESETS, HunyuanVideoVAE, load_vae
+
+    if model_dir is not None:
+        return load_vae(model_dir, device=device, dtype=dtype)
+    with torch.device("meta"):
+        vae = HunyuanVideoVAE(VAE_PRESETS[cfg.vae_preset])
+    vae.to_empty(device=device)
+    init_random_(vae, 0)
+    return vae.to(dtype).eval().requires_grad_(False)
+
+
+def decode(vae, latents: torch.Tensor, tiling: str) -> torch.Tensor:
+    """DiT latents `[1, C, T, h, w]` -> video `[3, F, H, W]` in [-1, 1] on the CPU, in the VAE's
+    dtype (the release maps to [0, 1] in that dtype before converting to uint8)."""
+    from .vae_tiling import TILING_PRESETS
+
+    z = latents.to(vae.post_quant_conv.weight.device) / vae.config.scaling_factor
+    video = vae.decode(z, tiling=None if tiling == "off" else TILING_PRESETS[tiling])
+    return video[0].cpu()
+
+
+@functools.cache
+def _vae_params(vae_preset: str) -> int:
+    from .vae import VAE_PRESETS, HunyuanVideoVAE
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in HunyuanVideoVAE(VAE_PRESETS[vae_preset]).parameters())
+
+
+def vae_note(latent, tiling: str) -> str | None:
+    """The decode model is calibrated on the release's VAE, untiled up to 17x40x40 latents."""
+    if tiling == "off" and latent[0] * latent[1] * latent[2] > VAE_LARGEST_MEASURED_UNTILED:
+        return "VAE decode: untiled beyond the largest measured latent (17x40x40); extrapolated"
+    return None
+
+
+FAMILY = ModelFamily(
+    name="hunyuan_video",
+    presets=PRESETS,
+    defaults=DEFAULTS,
+    build=build,
+    load=load,
+    blocks=blocks,
+    patchify=patchify,
+    unpatchify=unpatchify,
+    text=TextSpec(load=load_text, max_tokens=256, streamable=text_streamable, weight_bytes=text_weight_bytes),
+    vae=VaeSpec(load=load_vae_for, decode=decode, tilings=("release", "small"), decode_bytes=decode_bytes,
+                tile_shape=tile_shape, weight_bytes=lambda cfg: _vae_params(cfg.vae_preset) * 2,
+                calibrated=lambda cfg: cfg.vae_preset == "hunyuan-video", note=vae_note),
+    check_model_dir=check_model_dir,
+    guidance="embedded",
+)
