@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import NOISE_SOURCES, ConfigError, RunConfig, family_of, parse_size, read_prompts_file
+from .config import NOISE_SOURCES, RunConfig, family_of, parse_size, read_prompts_file
 from .memory_plan import parse_memory
 from .plan import add_plan_args
 from .sweep_spec import add_sweep_args

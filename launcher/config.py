@@ -93,12 +93,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def family_of(preset: str):
     """The model family of ``preset``; an unknown name is a ConfigError listing the valid ones."""
-    from models import get_family
+    from models import get_family, list_presets
 
     try:
         return get_family(preset)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    except ValueError:
+        raise ConfigError(f"--preset {preset!r} is unknown; valid: {', '.join(list_presets())}") from None
 
 
 def validate(cfg: RunConfig) -> None:

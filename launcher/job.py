@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import math
 import secrets
 import os
 import sys

@@ -14,7 +14,6 @@ encoders (run on rank 0 before the DiT is loaded, then freed).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 GIB = 2**30

@@ -131,12 +131,14 @@ class DitSizes:
 @functools.cache
 def dit_sizes(preset: str, dtype: str) -> DitSizes:
     model = models.build_model(preset, device="meta", dtype=DTYPES[dtype])
-    blocks = [block for _, block in models.get_family(preset).blocks(model)]
+    named = models.get_family(preset).blocks(model)
+    blocks = [block for _, block in named]
     plain = tuple(weight_bytes(blk) for blk in blocks)
     linears = [m.weight for blk in blocks for m in blk.modules() if isinstance(m, nn.Linear)]
     largest = max(w.numel() * w.element_size() for w in linears)
     other = weight_bytes(model) - sum(plain)
-    quantize_model(model)  # on the meta device: swaps the block linears for Float8Linear, no values
+    # On the meta device: swaps the block linears for Float8Linear, no values.
+    quantize_model(model, include=tuple(f"{name}." for name, _ in named))
     return DitSizes(other=other, blocks=plain, blocks_fp8=tuple(weight_bytes(blk) for blk in blocks),
                     largest_linear=largest)
 

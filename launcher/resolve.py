@@ -22,7 +22,8 @@ import torch
 
 from models import ModelFamily, ModelInputError, get_family
 from parallel.backends import backend_problem
-from parallel.topology import ResolvedTopology, TopologyError, TopologyTable, explain, node_local, table_for
+from parallel.topology import ResolvedTopology, TopologyError, TopologyTable
+from parallel.topology_choice import explain, node_local, table_for
 
 from .config import DTYPES, ConfigError, RunConfig
 from .memory_plan import JobMemory, JobShape, plan_job

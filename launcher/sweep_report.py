@@ -16,7 +16,6 @@ configs/topology/, for `generate --topology`).
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -290,9 +289,10 @@ def topology_yaml(rows: list[dict]) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """A sweep's report files are rewritten on every run (the one atomic writer, overwriting)."""
+    from .video import write_atomic
+
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
 
 
 def write_outputs(rows: list[dict], out: Path) -> list[dict]:

@@ -176,4 +176,4 @@ def get_family(preset: str) -> ModelFamily:
     for family in families():
         if preset in family.presets:
             return family
-    raise ValueError(f"--preset {preset!r} is unknown; valid: {', '.join(list_presets())}")
+    raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(list_presets())}")

@@ -1,4 +1,4 @@
-"""Hybrid Ulysses x Ring joint attention with the model's contract (DESIGN.md):
+"""Hybrid Ulysses x Ring joint attention with the model family seam's contract (docs/ARCHITECTURE.md):
 
     attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens) -> (img_out, txt_out)
 
