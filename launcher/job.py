@@ -49,15 +49,15 @@ log = logging.getLogger("launcher")
 ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
-@dataclass(frozen=True)
-class Job:
-    """This rank's view of the resolved job (identical on every rank but for ``rank``)."""
+@dataclass(frozen=True, kw_only=True)
+class Job(ResolvedJob):
+    """The resolved job on this rank (identical on every rank but for ``rank``)."""
 
-    resolved: ResolvedJob
     rank: int
 
-    def __getattr__(self, name):  # job.cfg, job.dit, job.device, ... read through
-        return getattr(self.__dict__["resolved"], name)
+    @classmethod
+    def on_rank(cls, resolved: ResolvedJob, rank: int) -> "Job":
+        return cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)}, rank=rank)
 
 
 def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
@@ -74,7 +74,7 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.M
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     resolved = resolve_job(cfg, world=world, device=device, device_memory=total)
     loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, resolved.dtype, resolved.memory.plan.placement.fp8)
-    return Job(resolved, rank), loaded
+    return Job.on_rank(resolved, rank), loaded
 
 
 def run_generate(cfg: RunConfig) -> list[Path]:
@@ -113,7 +113,7 @@ def _with_shared_seed(job: Job, mesh: ParallelMesh | None) -> Job:
     log.info("seed %d (drawn by rank 0; pass --seed %d to repeat this run)", seed, seed)
     cfg = dataclasses.replace(job.cfg, seed=seed)
     paths = [output_paths(cfg, i) for i in range(len(cfg.prompts))]
-    return Job(dataclasses.replace(job.resolved, cfg=cfg, paths=paths), job.rank)
+    return dataclasses.replace(job, cfg=cfg, paths=paths)
 
 
 def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:

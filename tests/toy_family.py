@@ -48,7 +48,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """RoPE on adjacent pairs; x `[B, S, H, D]`, cos/sin `[S, D]`."""
     pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return x * cos[None, :, None] + rotated * sin[None, :, None]
+    return (x * cos[None, :, None] + rotated * sin[None, :, None]).to(x.dtype)
 
 
 class ToyBlock(nn.Module):
