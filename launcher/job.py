@@ -25,17 +25,9 @@ from tqdm import tqdm
 
 from models.sampling import TextConditioning, classifier_free, euler_loop, guided_velocity, model_velocity
 from models.scheduler import FlowMatchEuler
-from parallel.mesh import SP_AXES, MeshAxis, ParallelDims, ParallelMesh, build_parallel_mesh, init_distributed, teardown
+from parallel.mesh import SP_AXES, MeshAxis, ParallelMesh, build_parallel_mesh, init_distributed, teardown
 from parallel.placement import NodeShare, node_share_name
-from parallel.parallelize import (
-    SequenceShard,
-    all_finite,
-    all_true,
-    broadcast_object,
-    cfg_parallel_velocity,
-    gather_objects,
-    parallelize,
-)
+from parallel.parallelize import SequenceShard, cfg_parallel_velocity, parallelize
 from parallel.backends import AttentionChoice, text_problem
 
 from . import pipeline as ph
@@ -92,8 +84,7 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     try:
         if job.world > 1:
             info = init_distributed(device_type=job.device.type, timeout=cfg.timeout_s)
-            dims = ParallelDims.from_topology(topo.topology, job.world)
-            mesh = build_parallel_mesh(dims, device=info.device, timeout=cfg.timeout_s)
+            mesh = build_parallel_mesh(topo.topology, device=info.device, timeout=cfg.timeout_s)
         if cfg.seed is None:
             job = _with_shared_seed(job, mesh)
         written = _run(job, loaded, mesh)
@@ -109,7 +100,7 @@ def _with_shared_seed(job: Job, mesh: ParallelMesh | None) -> Job:
     """Rank 0 draws the seed; every rank gets it, so every rank draws the same noise."""
     seed = secrets.randbelow(2**31) if job.rank == 0 else None
     if mesh is not None:
-        seed = broadcast_object(seed)
+        seed = mesh.broadcast_object(seed)
     log.info("seed %d (drawn by rank 0; pass --seed %d to repeat this run)", seed, seed)
     cfg = dataclasses.replace(job.cfg, seed=seed)
     paths = [output_paths(cfg, i) for i in range(len(cfg.prompts))]
@@ -126,7 +117,7 @@ def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
         conds = (ph.encode_prompts(job.family, job.dit, cfg.model_dir, texts, job.device, job.text_dtype,
                                    stream=stream_text) if job.rank == 0 else None)
         if mesh is not None:
-            conds = broadcast_object(conds)
+            conds = mesh.broadcast_object(conds)
     problem = text_problem(cfg.attention, [int(c.mask.sum()) for c in conds], job.topology.topology.sp)
     if problem is not None:  # every rank holds the same conds: all raise alike, before any attention
         raise ConfigError(f"--attention {cfg.attention}: {problem}")
@@ -154,7 +145,7 @@ def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
                   "allocator_conf": next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), None)}
         written = _decode_and_write(job, latents, step_s, timer, peaks, plan, memory, attention)
     if mesh is not None:
-        torch.distributed.barrier()  # other ranks wait (with the timeout) for the writers
+        mesh.barrier()  # other ranks wait (with the timeout) for the writers
     return written
 
 
@@ -180,7 +171,7 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
             with timer.phase("denoise"):
                 tokens, step_s[i] = denoise_one(job, model, shard, rope, conds, i, mesh)
             latents[i] = ph.tokens_to_latents(job.family, job.dit, tokens.cpu(), (cfg.height, cfg.width, cfg.frames))
-        peaks = gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
+        peaks = mesh.gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
         return latents, step_s, peaks, placed.host_kind, shard.attention
     finally:
         placed.close()
@@ -194,7 +185,7 @@ def _node_share(job: Job, mesh: ParallelMesh | None) -> NodeShare | None:
     if mesh is None:
         return None
     return NodeShare(name=node_share_name("dit"), writer=int(os.environ.get("LOCAL_RANK", "0")) == 0,
-                     barrier=torch.distributed.barrier, agree=lambda ok: all_true(ok, job.device))
+                     barrier=mesh.barrier, agree=mesh.all_true)
 
 
 def _expandable_segments_under_budget(cfg: RunConfig) -> None:
@@ -229,7 +220,7 @@ def _agree_after_oom(job: Job, mesh: ParallelMesh | None) -> None:
     if job.device.type == "cuda":
         torch.cuda.empty_cache()
     if mesh is not None:
-        all_true(True, job.device)
+        mesh.all_true(True)
 
 
 def _is_writer(mesh: ParallelMesh | None) -> bool:
@@ -254,14 +245,14 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
     size = (cfg.height, cfg.width, cfg.frames)
     noise = ph.noise_tokens(job.family, job.dit, size, cfg.seed + i, cfg.noise, device, job.text_dtype)
     tokens = shard.shard(noise).to(device)
-    sp_group = mesh.group(*SP_AXES) if mesh is not None else None
     with tqdm(total=cfg.steps, desc=f"prompt {i + 1}/{len(cfg.prompts)}", unit="step",
               disable=job.rank != 0, leave=False) as bar:
 
         marks = [time.perf_counter()]
 
         def on_step(step: int, x: torch.Tensor) -> None:
-            if not all_finite(x, sp_group):
+            finite = bool(torch.isfinite(x).all()) if mesh is None else mesh.all_finite(x, SP_AXES)
+            if not finite:
                 raise ph.NonFiniteLatents(f"NaN or Inf in the latents after denoising step {step + 1} of {cfg.steps}")
             marks.append(time.perf_counter())
             bar.update(1)

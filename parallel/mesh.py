@@ -25,7 +25,7 @@ import datetime as _dt
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,70 +47,6 @@ class MeshAxis(str, Enum):
 
 MESH_AXES: tuple[MeshAxis, ...] = (MeshAxis.DP, MeshAxis.CFG, MeshAxis.RING, MeshAxis.ULYSSES)
 SP_AXES: tuple[MeshAxis, ...] = (MeshAxis.RING, MeshAxis.ULYSSES)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParallelDims:
-    """Degrees checked against the world size (torchtitan's ParallelDims, frozen)."""
-
-    dp: int = 1
-    cfg: int = 1
-    ring: int = 1
-    ulysses: int = 1
-    world_size: int
-
-    def __post_init__(self) -> None:
-        topology = self.topology  # validates each degree
-        if topology.world_size != self.world_size:
-            raise TopologyError(
-                f"dp {self.dp} x cfg {self.cfg} x ring {self.ring} x ulysses {self.ulysses} = "
-                f"{topology.world_size}, but the world size is {self.world_size}"
-            )
-
-    @classmethod
-    def from_topology(cls, topology: Topology, world_size: int) -> "ParallelDims":
-        return cls(dp=topology.dp, cfg=topology.cfg, ring=topology.ring, ulysses=topology.ulysses, world_size=world_size)
-
-    @property
-    def topology(self) -> Topology:
-        return Topology(dp=self.dp, cfg=self.cfg, ring=self.ring, ulysses=self.ulysses)
-
-    @property
-    def sp(self) -> int:
-        return self.ring * self.ulysses
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.degree(a) for a in MESH_AXES)
-
-    def degree(self, axis: MeshAxis | str) -> int:
-        return getattr(self, MeshAxis(axis).value)
-
-    def coords(self, rank: int) -> dict[MeshAxis, int]:
-        """Position of a global rank on each axis."""
-        out = {}
-        for axis in reversed(MESH_AXES):
-            rank, out[axis] = divmod(rank, self.degree(axis))
-        return out
-
-    def group_ranks(self, axes: Sequence[MeshAxis | str]) -> list[list[int]]:
-        """Partition of all ranks into the groups spanned by ``axes`` (flattened in mesh order).
-
-        Each group lists global ranks in its own rank order (row-major over ``axes``)."""
-        axes = [MeshAxis(a) for a in axes]
-        grid = torch.arange(self.world_size).reshape(self.shape)
-        keep = [MESH_AXES.index(a) for a in axes]
-        rest = [i for i in range(len(MESH_AXES)) if i not in keep]
-        keep.sort()
-        flat = grid.permute(*rest, *keep).reshape(-1, _prod(self.degree(MESH_AXES[i]) for i in keep))
-        return flat.tolist()
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,10 +121,11 @@ class ParallelMesh:
     group. Groups are created once, in the same order on every rank, with the job's timeout.
     """
 
-    dims: ParallelDims
+    topology: Topology
     device_mesh: DeviceMesh
     device: torch.device
     rank: int
+    world_group: dist.ProcessGroup
     _groups: Mapping[tuple[MeshAxis, ...], dist.ProcessGroup] = field(repr=False)
 
     def group(self, *axes: MeshAxis | str) -> dist.ProcessGroup:
@@ -199,21 +136,56 @@ class ParallelMesh:
         return self._groups[key]
 
     def size(self, axis: MeshAxis | str) -> int:
-        return self.dims.degree(axis)
+        return self.topology.degree(axis)
 
     def local_rank(self, axis: MeshAxis | str) -> int:
-        return self.dims.coords(self.rank)[MeshAxis(axis)]
+        return self.topology.coords(self.rank)[MeshAxis(axis)]
 
     def submesh(self, *axes: MeshAxis | str) -> DeviceMesh:
         return self.device_mesh[tuple(MeshAxis(a).value for a in axes)]
 
     @property
     def sp_size(self) -> int:
-        return self.dims.sp
+        return self.topology.sp
+
+    # The job's few collectives outside attention, each over an explicit group (default: every
+    # rank of the job), so no caller touches torch.distributed or a global group.
+
+    def _group(self, axes: Sequence[MeshAxis] | None) -> dist.ProcessGroup:
+        return self.world_group if axes is None else self.group(*axes)
+
+    def barrier(self) -> None:
+        """Every rank of the job waits here (with the job's timeout)."""
+        dist.barrier(group=self.world_group)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` from global rank `src` on every rank (pickled; for small things such as text
+        embeddings, a few MB, or a seed). Tensors arrive on the CPU if they left from the CPU."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.world_group)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in global rank order, on every rank."""
+        out: list[Any] = [None] * self.topology.world_size
+        dist.all_gather_object(out, obj, group=self.world_group)
+        return out
+
+    def all_true(self, flag: bool, axes: Sequence[MeshAxis] | None = None) -> bool:
+        """Whether ``flag`` holds on every rank of the group of ``axes`` (None: the job)."""
+        ok = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self._group(axes))
+        return bool(ok.item())
+
+    def all_finite(self, x: torch.Tensor, axes: Sequence[MeshAxis] | None = SP_AXES) -> bool:
+        """Whether `x` is finite on every rank of the group of ``axes`` (so all stop together)."""
+        ok = torch.isfinite(x).all().to(torch.int32).reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self._group(axes))
+        return bool(ok.item())
 
     @property
     def sp_rank(self) -> int:
-        return self.local_rank(MeshAxis.RING) * self.dims.ulysses + self.local_rank(MeshAxis.ULYSSES)
+        return self.local_rank(MeshAxis.RING) * self.topology.ulysses + self.local_rank(MeshAxis.ULYSSES)
 
 
 RING_MAX_CTAS = 16  # measured on 4 x H200 at 720p, ring 4: 16 beat NCCL's default, 8 and 4 (docs/BENCHMARKS.md)
@@ -232,12 +204,12 @@ def _ring_options(axes: Sequence[MeshAxis]):
     return opts
 
 
-def _new_groups(dims: ParallelDims, axes: Sequence[MeshAxis], rank: int, timeout) -> dist.ProcessGroup:
+def _new_groups(topology: Topology, axes: Sequence[MeshAxis], rank: int, timeout) -> dist.ProcessGroup:
     """Create every group along ``axes`` (all ranks must call this in the same order) and
     return the one holding ``rank``."""
     mine = None
     options = _ring_options(axes)
-    for ranks in dims.group_ranks(axes):
+    for ranks in topology.group_ranks(axes):
         group = dist.new_group(ranks=ranks, timeout=timeout, pg_options=options)
         if rank in ranks:
             mine = group
@@ -245,28 +217,30 @@ def _new_groups(dims: ParallelDims, axes: Sequence[MeshAxis], rank: int, timeout
 
 
 def build_parallel_mesh(
-    dims: ParallelDims, *, device: torch.device | str | None = None, timeout: float | _dt.timedelta | None = None
+    topology: Topology, *, device: torch.device | str | None = None, timeout: float | _dt.timedelta | None = None
 ) -> ParallelMesh:
     """Build the mesh over the initialised default group. Collective: every rank must call it."""
     if not dist.is_initialized():
         raise RuntimeError("build_parallel_mesh: call init_distributed first")
-    if dist.get_world_size() != dims.world_size:
-        raise TopologyError(f"topology {dims} is for {dims.world_size} ranks, but the job has {dist.get_world_size()}")
+    if dist.get_world_size() != topology.world_size:
+        raise TopologyError(
+            f"topology {topology} is for {topology.world_size} ranks, but the job has {dist.get_world_size()}")
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     device = torch.device(device)
     # new_group would otherwise take the backend's default timeout, not the job's.
     timeout = _as_timedelta(timeout) if timeout is not None else _default_group_timeout(device)
     rank = dist.get_rank()
-    groups = {(axis,): _new_groups(dims, (axis,), rank, timeout) for axis in MESH_AXES}
-    groups[SP_AXES] = _new_groups(dims, SP_AXES, rank, timeout)
+    groups = {(axis,): _new_groups(topology, (axis,), rank, timeout) for axis in MESH_AXES}
+    groups[SP_AXES] = _new_groups(topology, SP_AXES, rank, timeout)
     mesh = DeviceMesh.from_group(
         [groups[(a,)] for a in MESH_AXES],
         device.type,
-        mesh=torch.arange(dims.world_size).reshape(dims.shape),
+        mesh=torch.arange(topology.world_size).reshape(topology.shape),
         mesh_dim_names=tuple(a.value for a in MESH_AXES),
     )
-    return ParallelMesh(dims=dims, device_mesh=mesh, device=device, rank=rank, _groups=groups)
+    return ParallelMesh(topology=topology, device_mesh=mesh, device=device, rank=rank, world_group=dist.group.WORLD,
+                        _groups=groups)
 
 
 def _default_group_timeout(device: torch.device) -> _dt.timedelta:

@@ -1,4 +1,4 @@
-"""Applying parallelism to a plain model, and the few collectives a generation job needs.
+"""Applying parallelism to a plain model: sequence-parallel attention and CFG over the mesh.
 
 `parallelize(model, mesh, num_tokens=..., backend=...)` swaps the model's joint attention for the
 hybrid Ulysses x Ring one (or an anchor backend, `parallel/backends.py`) and returns the
@@ -11,10 +11,9 @@ combines their velocities with one all-gather per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from .attention import HybridAttention
 from .backends import AttentionChoice, backend_problem, build_attention
@@ -92,34 +91,3 @@ def cfg_parallel_velocity(own: Velocity, mesh: ParallelMesh, combine: Callable) 
         return combine(both[0], both[1])
 
     return velocity
-
-
-def all_finite(x: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
-    """Whether `x` is finite on every rank of `group` (so that all ranks stop together)."""
-    ok = torch.isfinite(x).all().to(torch.int32).reshape(1)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-    return bool(ok.item())
-
-
-def all_true(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
-    """Whether ``flag`` holds on every rank of ``group`` (``device``: where the backend's
-    tensors live, CUDA for NCCL)."""
-    ok = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-    return bool(ok.item())
-
-
-def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
-    """`obj` from global rank `src` on every rank (pickled; for small things such as text
-    embeddings, which are a few MB). Tensors arrive on the CPU if they left from the CPU."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
-def gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank of `group`."""
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out

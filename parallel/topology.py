@@ -19,13 +19,16 @@ node, and pure Ulysses needs no log-sum-exp merge).
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 CFG_CHOICES = (1, 2)
+AXES = ("dp", "cfg", "ring", "ulysses")  # mesh axes, outermost first (parallel.mesh.MeshAxis)
 
 
 class TopologyError(ValueError):
@@ -70,6 +73,53 @@ class Topology:
     def check_heads(self, heads: int) -> None:
         if heads % self.ulysses:
             raise TopologyError(f"ulysses {self.ulysses} does not divide {heads} heads")
+
+    def check_world(self, world_size: int) -> None:
+        """Refuse a job whose world size is not the product of the degrees."""
+        if self.world_size != world_size:
+            raise TopologyError(
+                f"dp {self.dp} x cfg {self.cfg} x ring {self.ring} x ulysses {self.ulysses} = "
+                f"{self.world_size}, but the world size is {world_size}"
+            )
+
+    # The rank layout (torchtitan's ParallelDims): row-major over AXES, ulysses innermost.
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.degree(a) for a in AXES)
+
+    def degree(self, axis: str) -> int:
+        return getattr(self, _axis(axis))
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """Position of a global rank on each axis."""
+        out = {}
+        for axis in reversed(AXES):
+            rank, out[axis] = divmod(rank, self.degree(axis))
+        return {a: out[a] for a in AXES}
+
+    def group_ranks(self, axes: Iterable[str]) -> list[list[int]]:
+        """Partition of all ranks into the groups spanned by ``axes`` (flattened in mesh order).
+        Each group lists global ranks in its own rank order (row-major over ``axes``)."""
+        wanted = {_axis(a) for a in axes}
+        keep = [a for a in AXES if a in wanted]
+        rest = [a for a in AXES if a not in wanted]
+        stride = {a: math.prod(self.degree(b) for b in AXES[AXES.index(a) + 1 :]) for a in AXES}
+
+        def ranks(names, index):
+            return sum(i * stride[a] for a, i in zip(names, index))
+
+        spans = [itertools.product(*(range(self.degree(a)) for a in names)) for names in (rest, keep)]
+        inner = list(spans[1])
+        return [[ranks(rest, r) + ranks(keep, k) for k in inner] for r in spans[0]]
+
+
+def _axis(axis) -> str:
+    """An axis name from a str or a ``parallel.mesh.MeshAxis`` (a str enum)."""
+    name = getattr(axis, "value", axis)
+    if name not in AXES:
+        raise ValueError(f"unknown mesh axis {axis!r}; valid: {', '.join(AXES)}")
+    return name
 
 
 def parse_sp(label: str) -> tuple[int, int]:

@@ -36,9 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from parallel.attention import HybridAttention  # noqa: E402
 from parallel.kernels import KERNELS, math_attention, probe_kernel  # noqa: E402
 from parallel.local import local_joint_attention  # noqa: E402
-from parallel.mesh import ParallelDims, build_parallel_mesh, init_distributed, teardown  # noqa: E402
+from parallel.mesh import build_parallel_mesh, init_distributed, teardown  # noqa: E402
 from parallel.sequence import SequenceParallel, gather_tokens, shard_tokens  # noqa: E402
-from parallel.topology import sp_factorisations  # noqa: E402
+from parallel.topology import Topology, sp_factorisations  # noqa: E402
 
 
 def parse_args():
@@ -74,7 +74,7 @@ class Ctx:
 
     def sp(self, u, r) -> SequenceParallel:
         if (u, r) not in self.meshes:
-            self.meshes[(u, r)] = SequenceParallel.from_mesh(build_parallel_mesh(ParallelDims(ring=r, ulysses=u, world_size=self.world)))
+            self.meshes[(u, r)] = SequenceParallel.from_mesh(build_parallel_mesh(Topology(ring=r, ulysses=u)))
         return self.meshes[(u, r)]
 
     def emit(self, row):

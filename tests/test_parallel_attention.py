@@ -71,13 +71,14 @@ def _valid(lens, length):
 
 def _all_factorisations(rank, world, heads):
     from parallel.attention import HybridAttention
-    from parallel.mesh import ParallelDims, build_parallel_mesh
+    from parallel.mesh import build_parallel_mesh
+    from parallel.topology import Topology
     from parallel.sequence import SequenceParallel
     from parallel.topology import sp_factorisations
 
     out = []
     for u, r in sp_factorisations(world, heads):
-        sp = SequenceParallel.from_mesh(build_parallel_mesh(ParallelDims(ring=r, ulysses=u, world_size=world)))
+        sp = SequenceParallel.from_mesh(build_parallel_mesh(Topology(ring=r, ulysses=u)))
         # Pure Ulysses also in 2 head chunks (the pipelined all-to-alls of the fused text path).
         for chunks in (1, 2) if r == 1 and u > 1 else (1,):
             for case in CASES:
@@ -112,12 +113,13 @@ def test_every_factorisation_matches_single_process(world):
 
 def _yunchang(rank, world):
     from parallel.baselines import YunchangAttention
-    from parallel.mesh import ParallelDims, build_parallel_mesh
+    from parallel.mesh import build_parallel_mesh
+    from parallel.topology import Topology
     from parallel.sequence import SequenceParallel
 
     out = []
     for u, r in ((1, world), (world, 1)):
-        sp = SequenceParallel.from_mesh(build_parallel_mesh(ParallelDims(ring=r, ulysses=u, world_size=world)))
+        sp = SequenceParallel.from_mesh(build_parallel_mesh(Topology(ring=r, ulysses=u)))
         for case in ("image_only", "text_full"):
             res = _run_case(YunchangAttention, sp, case, attn_type="lse:math")
             out.append({"u": u, "r": r, **res})
@@ -132,14 +134,15 @@ def test_yunchang_backend_matches_single_process():
 def _mesh_layout(rank, world):
     import torch.distributed as dist
 
-    from parallel.mesh import MeshAxis, ParallelDims, build_parallel_mesh
+    from parallel.mesh import MeshAxis, build_parallel_mesh
+    from parallel.topology import Topology
     from parallel.sequence import SequenceParallel
 
-    mesh = build_parallel_mesh(ParallelDims(cfg=2, ring=1, ulysses=2, world_size=world))
+    mesh = build_parallel_mesh(Topology(cfg=2, ring=1, ulysses=2))
     sp = SequenceParallel.from_mesh(mesh)
     ranks = {axis.value: dist.get_process_group_ranks(mesh.group(axis)) for axis in MeshAxis}
     ranks["sp"] = dist.get_process_group_ranks(mesh.group(MeshAxis.RING, MeshAxis.ULYSSES))
-    mesh2 = build_parallel_mesh(ParallelDims(ring=2, ulysses=2, world_size=world))
+    mesh2 = build_parallel_mesh(Topology(ring=2, ulysses=2))
     sp2 = SequenceParallel.from_mesh(mesh2)
     ring = dist.get_process_group_ranks(mesh2.group("ring"))
     return ranks, mesh.device_mesh.mesh_dim_names, (sp.sp_rank, sp.sp_size), (sp2.sp_rank, sp2.ring_rank, ring)
@@ -159,10 +162,11 @@ def test_mesh_layout_keeps_ulysses_innermost():
 
 def _bad_inputs(rank, world):
     from parallel.attention import HybridAttention
-    from parallel.mesh import ParallelDims, build_parallel_mesh
+    from parallel.mesh import build_parallel_mesh
+    from parallel.topology import Topology
     from parallel.sequence import SequenceParallel
 
-    sp = SequenceParallel.from_mesh(build_parallel_mesh(ParallelDims(ulysses=2, world_size=world)))
+    sp = SequenceParallel.from_mesh(build_parallel_mesh(Topology(ulysses=2)))
     x = torch.randn(1, 4, 4, 8)
     t = torch.randn(1, 3, 4, 8)
     errors = {}

@@ -6,7 +6,7 @@ import datetime
 import pytest
 import torch
 
-from parallel.mesh import MESH_AXES, MeshAxis, ParallelDims, build_parallel_mesh, init_distributed, teardown
+from parallel.mesh import MESH_AXES, MeshAxis, build_parallel_mesh, init_distributed, teardown
 from parallel.sequence import (
     SequenceParallel,
     gather_tokens,
@@ -20,17 +20,18 @@ from parallel.topology import Topology, TopologyError
 
 def test_dims_checked_against_world_size():
     with pytest.raises(TopologyError, match=r"dp 1 x cfg 2 x ring 2 x ulysses 2 = 8, but the world size is 4"):
-        ParallelDims(cfg=2, ring=2, ulysses=2, world_size=4)
+        Topology(cfg=2, ring=2, ulysses=2).check_world(4)
     with pytest.raises(TopologyError, match="cfg must be one of"):
-        ParallelDims(cfg=3, world_size=3)
-    dims = ParallelDims.from_topology(Topology(dp=2, cfg=2, ring=2, ulysses=2), 16)
-    assert dims.shape == (2, 2, 2, 2) and dims.sp == 4 and dims.topology.world_size == 16
+        Topology(cfg=3)
+    dims = Topology(dp=2, cfg=2, ring=2, ulysses=2)
+    dims.check_world(16)
+    assert dims.shape == (2, 2, 2, 2) and dims.sp == 4 and dims.world_size == 16
     with pytest.raises(dataclasses.FrozenInstanceError):
         dims.ring = 4
 
 
 def test_rank_layout_is_row_major_with_ulysses_innermost():
-    dims = ParallelDims(dp=2, cfg=1, ring=2, ulysses=3, world_size=12)
+    dims = Topology(dp=2, cfg=1, ring=2, ulysses=3)
     assert [a.value for a in MESH_AXES] == ["dp", "cfg", "ring", "ulysses"]
     assert dims.coords(7) == {MeshAxis.DP: 1, MeshAxis.CFG: 0, MeshAxis.RING: 0, MeshAxis.ULYSSES: 1}
     assert dims.group_ranks(["ulysses"])[:2] == [[0, 1, 2], [3, 4, 5]]
@@ -46,7 +47,7 @@ def test_single_process_mesh_and_teardown():
     info = init_distributed(backend="gloo", device_type="cpu", timeout=42)
     try:
         assert (info.rank, info.world_size, info.backend) == (0, 1, "gloo")
-        mesh = build_parallel_mesh(ParallelDims(world_size=1))
+        mesh = build_parallel_mesh(Topology())
         group = mesh.group(MeshAxis.RING, MeshAxis.ULYSSES)
         assert group._get_backend(torch.device("cpu")).options._timeout == datetime.timedelta(seconds=42)
         assert mesh.device_mesh.mesh_dim_names == ("dp", "cfg", "ring", "ulysses")
@@ -54,7 +55,7 @@ def test_single_process_mesh_and_teardown():
         with pytest.raises(KeyError, match="no process group for axes"):
             mesh.group("dp", "cfg")
         with pytest.raises(TopologyError, match="is for 2 ranks, but the job has 1"):
-            build_parallel_mesh(ParallelDims(ulysses=2, world_size=2))
+            build_parallel_mesh(Topology(ulysses=2))
         with pytest.raises(RuntimeError, match="already exists"):
             init_distributed(backend="gloo", device_type="cpu")
         sp = SequenceParallel.from_mesh(mesh)
