@@ -270,7 +270,7 @@ def _decode_and_write(job: Job, latents, step_s, timer: PhaseTimer, peaks, plan:
     written = []
     if not latents:
         return written
-    tiling = cfg.vae_tiling if cfg.vae_tiling != "auto" else plan.placement.vae_tiling
+    tiling = plan.placement.vae_tiling  # --vae-tiling, or the planner's choice under auto
     if not cfg.no_video:
         with timer.phase("load_vae"):
             vae = ph.load_vae(job.family, job.dit, cfg.model_dir, job.device)

@@ -1,15 +1,10 @@
-"""GPU memory of one `generate` rank, estimated from shapes alone (no GPU, no process group).
+"""The DiT's activation memory on one rank, from shapes alone (no GPU, no process group), and
+the per-phase breakdown `plan` prints.
 
-Three parts, in bytes, all for inference (no autograd state) and batch 1 per rank (CFG branches
-run one after the other, or on their own ranks with ``cfg = 2``; dp replicas hold one video each):
-
-- DiT weights: parameters x bytes per element of ``--dtype``, replicated on every rank today.
-- DiT activations of one forward at this rank's token count (:func:`dit_activations`).
-- VAE decode on the first rank of each dp replica, after the DiT is freed
-  (:func:`vae_decode_bytes`), plus the VAE's fp16 weights.
-
-Not included: the CUDA context and caching-allocator slack (typically 1-2 GiB), and the text
-encoders (run on rank 0 before the DiT is loaded, then freed).
+The memory planner (``launcher/memory_plan.py``) is the one memory model: it adds the weights
+(resident and streamed, from the family's blocks on the meta device), these activations, FP8
+buffers, the VAE decode (the family's VAE model, ``models.family.VaeSpec``), the text encoders and
+the measured runtime overhead. All for inference (no autograd state) and batch 1 per rank.
 """
 
 from __future__ import annotations
@@ -82,8 +77,10 @@ def dit_activations(
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryEstimate:
-    """Per-rank bytes of the two phases of a job: denoise (every rank) and decode (the first rank
-    of each dp replica, after the DiT is freed). ``vae_*`` are None for a VAE with no calibration."""
+    """The memory plan's per-rank bytes of the two phases of a job, without the runtime overhead:
+    denoise (every rank) and decode (the first rank of each dp replica, after the DiT is freed).
+    ``dit_weights``: what of the DiT is on the GPU (resident blocks, streaming slots, FP8 buffers);
+    ``vae_*`` are None for a VAE with no calibration."""
 
     dit_params: int
     dit_weights: int

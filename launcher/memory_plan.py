@@ -54,7 +54,7 @@ ALLOCATOR_SLACK = int(1.0 * GIB)
 RUNTIME_OVERHEAD = CONTEXT_OVERHEAD + NCCL_ALLOWANCE + ALLOCATOR_SLACK
 PROFILES = ("default", "light", "extreme")
 FP8_MODES = ("off", "auto", "storage", "matmul")
-VAE_WEIGHT_ALLOWANCE = 250_000_000 * 2  # fp16 VAE weights, rounded up (the release's: 246.5M parameters)
+VAE_WEIGHT_ALLOWANCE = 250_000_000 * 2  # fp16 weights of a VAE its family did not measure
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +73,7 @@ class Placement:
         if self.streamed:
             parts.append(f"stream {self.streamed}/{blocks} blocks")
         parts.append(f"cfg {'parallel' if self.cfg_degree == 2 else 'sequential'}")
-        parts.append(f"{self.vae_tiling} VAE tiles")
+        parts.append("untiled VAE" if self.vae_tiling == "off" else f"{self.vae_tiling} VAE tiles")
         if self.stream_text:
             parts.append("streamed LLM")
         return ", ".join(parts)
@@ -88,9 +88,11 @@ class MemoryPlan:
     slots: int
     activations: int
     fp8_temp: int
-    decode: int
+    decode: int  # the VAE decode, its weights included
     text: int
     blocks: int
+    weights: int = 0  # every DiT weight in this placement's format, resident or streamed
+    vae_weights: int = 0
 
     @property
     def denoise(self) -> int:
@@ -182,18 +184,22 @@ def estimate(shape: JobShape, p: Placement) -> MemoryPlan:
     ).peak
     fp8_temp = sizes.largest_linear if p.fp8 == "storage" else (local + text_len) * 4 * shape.dit.mlp_hidden if p.fp8 == "matmul" else 0
     latent = shape.dit.latent_grid(shape.height, shape.width, shape.frames)
-    decode = family.vae.decode_bytes(latent, p.vae_tiling) + VAE_WEIGHT_ALLOWANCE
+    # A VAE the family measured counts its own weights; others get a generous allowance.
+    vae_weights = family.vae.weight_bytes(shape.dit) if family.vae.calibrated(shape.dit) else VAE_WEIGHT_ALLOWANCE
+    decode = family.vae.decode_bytes(latent, p.vae_tiling) + vae_weights
     text = family.text.weight_bytes(p.stream_text) if shape.text_llm else 0
     return MemoryPlan(placement=p, resident_weights=resident, slots=slots, activations=acts, fp8_temp=fp8_temp,
-                      decode=decode, text=text, blocks=n)
+                      decode=decode, text=text, blocks=n, weights=sizes.other + sum(per_block),
+                      vae_weights=vae_weights)
 
 
-def candidates(shape: JobShape, fp8: str) -> list[Placement]:
+def candidates(shape: JobShape, fp8: str, tiling: str = "auto") -> list[Placement]:
     """Placements in order of cost, for the shape's CFG degree (the caller tries cfg 2, then 1):
-    the first that fits wins. Within a rung, k = 0, 1, ... streamed blocks."""
+    the first that fits wins. Within a rung, k = 0, 1, ... streamed blocks. ``tiling``: the
+    user's --vae-tiling (auto: the family's tilings, fastest first, least memory last)."""
     n = len(dit_sizes(shape.preset, shape.dtype).blocks)
     modes = (["off"] if fp8 in ("off", "auto") else [fp8]) + (["storage"] if fp8 == "auto" else [])
-    tilings = models.get_family(shape.preset).vae.tilings  # fastest first, least memory last
+    tilings = models.get_family(shape.preset).vae.tilings if tiling == "auto" else (tiling,)
     rungs = [Placement(fp8=m, cfg_degree=shape.cfg_degree, vae_tiling=t) for m in modes for t in tilings]
     return [replace(r, streamed=k) for r in rungs for k in range(n + 1)]
 
@@ -221,12 +227,12 @@ def _fits(shape: JobShape, p: Placement, budget: int) -> MemoryPlan | None:
     return None
 
 
-def choose(shape: JobShape, budget: int, fp8: str = "auto") -> tuple[MemoryPlan, MemoryPlan | None]:
+def choose(shape: JobShape, budget: int, fp8: str = "auto", tiling: str = "auto") -> tuple[MemoryPlan, MemoryPlan | None]:
     """The cheapest plan whose peak fits ``budget`` bytes, and the one to fall back to after an
     out-of-memory error: the next plan that needs at least 10% (and 1 GiB) less, or None.
     Raises ConfigError with the smallest estimate when nothing fits."""
     chosen = None
-    for p in candidates(shape, fp8):
+    for p in candidates(shape, fp8, tiling):
         plan = _fits(shape, p, budget)
         if plan is None:
             continue
@@ -236,7 +242,7 @@ def choose(shape: JobShape, budget: int, fp8: str = "auto") -> tuple[MemoryPlan,
             return chosen, plan
     if chosen is None:
         lossy = "storage" if fp8 != "off" else "off"
-        best = min((estimate(shape, replace(p, stream_text=shape.text_llm)) for p in candidates(shape, lossy)),
+        best = min((estimate(shape, replace(p, stream_text=shape.text_llm)) for p in candidates(shape, lossy, tiling)),
                    key=lambda m: m.peak)
         raise ConfigError(
             f"--max-gpu-memory {budget / GIB:.1f}GiB: nothing fits; the smallest plan ({best.label}) "
@@ -296,6 +302,8 @@ def _fixed(cfg, shape: JobShape) -> Placement:
         p = replace(p, streamed=cfg.stream_blocks)
     if cfg.fp8 in ("storage", "matmul"):
         p = replace(p, fp8=cfg.fp8)
+    if cfg.vae_tiling != "auto":
+        p = replace(p, vae_tiling=cfg.vae_tiling)
     return replace(p, prefetch=cfg.prefetch)
 
 
@@ -318,16 +326,17 @@ def plan_job(cfg, shape_for: Callable[[int], tuple[JobShape, object]], cfg_optio
         return JobMemory(plan, None, topo, budget, "explicit flags" if cfg.memory_profile is None
                          else f"profile {cfg.memory_profile}")
     limit = budget if budget is not None else device_memory
-    if limit is None:  # CPU: nothing to plan
+    if limit is None:  # no budget and no GPU memory to plan for (the CPU, or `plan` without a budget)
         shape, topo = shape_for(cfg_options[0])
-        tiling = models.get_family(shape.preset).vae.tilings[0]
+        tiling = models.get_family(shape.preset).vae.tilings[0] if cfg.vae_tiling == "auto" else cfg.vae_tiling
         return JobMemory(estimate(shape, Placement(cfg_degree=shape.cfg_degree, prefetch=cfg.prefetch,
-                                                   vae_tiling=tiling)), None, topo, None, "no GPU")
+                                                   vae_tiling=tiling)), None, topo, None,
+                         "no budget: everything resident")
     error = None
     for degree in cfg_options:
         shape, topo = shape_for(degree)
         try:
-            plan, fallback = choose(shape, limit, "auto" if cfg.fp8 == "auto" else "off")
+            plan, fallback = choose(shape, limit, "auto" if cfg.fp8 == "auto" else "off", cfg.vae_tiling)
         except ConfigError as err:
             error = err
             continue

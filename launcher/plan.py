@@ -29,8 +29,8 @@ from .memory_plan import FP8_MODES, PROFILES, JobMemory, device_overhead_note, p
 from .memory_estimate import GIB, MemoryEstimate, dit_activations
 from .resolve import ResolvedJob, resolve_job
 
-NOT_INCLUDED = ("CUDA context and NCCL buffers (4.5 GiB per rank measured on 4 x H200) and allocator slack "
-                "(the memory plan, with --max-gpu-memory, counts them); text encoders (rank 0, freed before the DiT loads)")
+NOT_INCLUDED = ("CUDA context, NCCL buffers and allocator slack (the memory plan above counts them); "
+                "text encoders (rank 0, before the DiT loads; the plan counts them with --with-text-encoder)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +55,7 @@ class Plan:
     pad_tokens: int
     text_tokens: int
     memory: MemoryEstimate
-    placement: JobMemory | None = None  # with --max-gpu-memory or memory knobs
+    placement: JobMemory  # the memory plan generate runs with (the estimate above is its breakdown)
 
     @property
     def topology(self) -> Topology:
@@ -112,11 +112,11 @@ def make_plan(
                       topology_file=topology_file)
     job = resolve_job(run, world=gpus, device=torch.device("cuda"), check_files=False,
                       text_weights=memory_knobs is not None and memory_knobs.text_llm)
-    return plan_of(job, placement=memory_knobs is not None)
+    return plan_of(job)
 
 
-def plan_of(job: ResolvedJob, *, placement: bool) -> Plan:
-    """The `plan` view of a resolved job (``placement``: show its memory plan)."""
+def plan_of(job: ResolvedJob) -> Plan:
+    """The `plan` view of a resolved job."""
     cfg, dit, topo = job.cfg, job.dit, job.topology.topology
     latent, n = dit.latent_grid(cfg.height, cfg.width, cfg.frames), job.num_tokens
     per_rank, padded = shard_length(n, topo.sp), padded_length(n, topo.sp)
@@ -126,7 +126,7 @@ def plan_of(job: ResolvedJob, *, placement: bool) -> Plan:
         heads=dit.num_heads, topologies=factorisations(job.world, dit.num_heads, cfg=topo.cfg, dp=topo.dp),
         chosen=job.topology, reason=job.reason, latent_grid=latent, token_grid=job.token_grid, image_tokens=n,
         tokens_per_rank=per_rank, padded_tokens=padded, pad_tokens=padded - n, text_tokens=text,
-        memory=estimate_memory(job, per_rank), placement=job.memory if placement else None,
+        memory=estimate_memory(job, per_rank), placement=job.memory,
     )
 
 
@@ -137,25 +137,28 @@ def dit_parameter_count(preset: str) -> int:
 
 
 def estimate_memory(job: ResolvedJob, local_tokens: int) -> MemoryEstimate:
-    """Per-rank bytes of the denoise and decode phases (formulas in ``launcher/memory_estimate.py``
-    and the family's VAE model)."""
-    cfg, dit, topo, vae = job.cfg, job.dit, job.topology.topology, job.family.vae
-    params = dit_parameter_count(cfg.preset)
+    """Per-rank bytes of the denoise and decode phases: the memory plan `generate` runs with
+    (``launcher/memory_plan.py``), broken down for the table; only the activations' phase is
+    computed here again, by the planner's formula (``launcher/memory_estimate.py``)."""
+    cfg, dit, topo, vae, plan = job.cfg, job.dit, job.topology.topology, job.family.vae, job.memory.plan
     acts = dit_activations(
         image_tokens=local_tokens, text_tokens=job.family.text.max_tokens, hidden=dit.hidden_size,
         mlp_hidden=dit.mlp_hidden, ulysses=topo.ulysses, ring=topo.ring, dtype_bytes=job.dtype.itemsize,
     )
-    tiling = vae.tilings[0] if cfg.vae_tiling == "auto" else cfg.vae_tiling
+    assert acts.peak == plan.activations, "plan and planner must share one activation model"
+    tiling = plan.placement.vae_tiling
     latent = dit.latent_grid(cfg.height, cfg.width, cfg.frames)
     calibrated = vae.calibrated(dit)
     notes = [] if calibrated else [f"VAE decode: no measurements for the {cfg.preset!r} preset's VAE; not estimated"]
     if calibrated and vae.note(latent, tiling):
         notes.append(vae.note(latent, tiling))
     return MemoryEstimate(
-        dit_params=params, dit_weights=params * job.dtype.itemsize, activations=acts,
+        # On the GPU: the resident blocks, the streaming slots and FP8's dequantisation buffers.
+        dit_params=dit_parameter_count(cfg.preset), dit_weights=plan.resident_weights + plan.slots + plan.fp8_temp,
+        activations=acts,
         vae_tiling=tiling, vae_tile=vae.tile_shape(latent, tiling),
-        vae_weights=vae.weight_bytes(dit) if calibrated else None,
-        vae_decode=vae.decode_bytes(latent, tiling) if calibrated else None, notes=tuple(notes),
+        vae_weights=plan.vae_weights if calibrated else None,
+        vae_decode=plan.decode - plan.vae_weights if calibrated else None, notes=tuple(notes),
     )
 
 
@@ -220,7 +223,10 @@ def _memory_lines(plan: Plan) -> list[str]:
         vae = f"{mem.vae_tiling} tiling, largest tile {_grid(mem.vae_tile)} latents, fp16"
     if mem.vae_weights is not None:
         vae += f", incl. {mem.vae_weights / GIB:.2f} VAE weights"
+    placed = plan.placement.plan
     weights = f"{mem.dit_params:,} params x {DTYPES[plan.dtype].itemsize} B ({plan.dtype})"
+    if placed.placement.streamed or placed.placement.fp8 != "off":
+        weights = f"on the GPU as planned ({placed.label}) of {mem.dit_params:,} params"
     forward = f"{plan.tokens_per_rank:,} + {plan.text_tokens} tokens ({acts.peak_phase} phase of one block)"
     others = f"{mem.denoise / GIB:.2f} on the others"
     return [*_placement_lines(plan),
@@ -236,8 +242,6 @@ def _memory_lines(plan: Plan) -> list[str]:
 
 
 def _placement_lines(plan: Plan) -> list[str]:
-    if plan.placement is None:
-        return []
     m = plan.placement
     p = m.plan
     lines = [
@@ -277,7 +281,7 @@ def plan_to_dict(plan: Plan) -> dict:
             "writer_peak": mem.writer_peak, "other_ranks_peak": mem.denoise,
         },
         "notes": list(mem.notes),
-        "memory_plan": None if plan.placement is None else {
+        "memory_plan": {
             "reason": plan.placement.reason, "chosen": plan.placement.plan.to_dict(),
             "fallback": None if plan.placement.fallback is None else plan.placement.fallback.to_dict(),
         },

@@ -65,11 +65,6 @@ class ResolvedJob:
         return self.cfg.guidance if embedded else None
 
     @property
-    def vae_tiling(self) -> str:
-        """--vae-tiling, with auto = the memory plan's tiles."""
-        return self.cfg.vae_tiling if self.cfg.vae_tiling != "auto" else self.memory.plan.placement.vae_tiling
-
-    @property
     def table_path(self) -> str:
         return self.table.path
 

@@ -78,7 +78,8 @@ def test_cfg_in_parallel_falls_back_to_sequential_when_it_does_not_fit():
     def shape_for(degree):
         return shape(gpus=4, u=2 if degree == 2 else 4, cfg=degree), f"topology cfg {degree}"
 
-    knobs = SimpleNamespace(max_gpu_memory=13 * GIB, memory_profile=None, fp8="off", stream_blocks=None, prefetch=1)
+    knobs = SimpleNamespace(max_gpu_memory=13 * GIB, memory_profile=None, fp8="off", stream_blocks=None, prefetch=1,
+                            vae_tiling="auto")
     job = plan_job(knobs, shape_for, [2, 1], None)
     assert job.plan.placement.cfg_degree == 1 and job.topology == "topology cfg 1"
     roomy = plan_job(SimpleNamespace(**{**vars(knobs), "max_gpu_memory": 40 * GIB}), shape_for, [2, 1], None)
@@ -89,7 +90,7 @@ def test_profiles_and_explicit_knobs():
     def shape_for(degree):
         return shape(), "t"
 
-    base = dict(max_gpu_memory=None, fp8="off", stream_blocks=None, prefetch=1)
+    base = dict(max_gpu_memory=None, fp8="off", stream_blocks=None, prefetch=1, vae_tiling="auto")
     extreme = plan_job(SimpleNamespace(**base, memory_profile="extreme"), shape_for, [1], None).plan.placement
     assert extreme.streamed == 60 and extreme.fp8 == "storage" and extreme.vae_tiling == "small"
     explicit = plan_job(SimpleNamespace(**{**base, "stream_blocks": 10, "fp8": "matmul"}, memory_profile=None),
