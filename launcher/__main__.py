@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 from models import ModelInputError
 
@@ -38,12 +40,29 @@ def main(argv: list[str] | None = None) -> int:
                 print(out)
             return 0
     except (ConfigError, ModelInputError) as err:  # bad input (arguments, weight folders): nothing ran
-        print(f"error: {err}", file=sys.stderr)
+        report_bad_input(err)
         return 2
     except NonFiniteLatents as err:  # the run diverged: say where, without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
     raise AssertionError(f"unhandled command {args.command}")
+
+
+# How long a rank other than 0 waits before reporting bad input itself (see report_bad_input).
+BAD_INPUT_GRACE_S = 3.0
+
+
+def report_bad_input(err: Exception) -> None:
+    """One message per job. Every rank validates the same arguments before any collective and
+    fails alike, so rank 0 prints at once and exits 2; torchrun then stops the other ranks while
+    they wait here, quietly. A rank whose error rank 0 did not share (a fault of its own node)
+    is still running after the grace period and prints its message, with its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"error: {err}", file=sys.stderr)
+        return
+    time.sleep(BAD_INPUT_GRACE_S)
+    print(f"[rank {rank}] error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.M
     """Every check that can reject the job (the resolver's, then the DiT checkpoint's keys and
     shapes); no collective. Returns the job and the DiT with its checkpoint assigned on the meta
     device (or None)."""
-    device = ph.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = ph.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")),
+                               int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     resolved = resolve_job(cfg, world=world, device=device, device_memory=total)
     loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, resolved.dtype, resolved.memory.plan.placement.fp8)

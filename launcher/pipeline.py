@@ -22,15 +22,23 @@ class NonFiniteLatents(RuntimeError):
     """NaN or Inf appeared in the latents; the message names the step."""
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """--device (auto, cpu, cuda) -> this rank's device. Raises ConfigError for cuda without GPUs."""
+def resolve_device(device: str, local_rank: int = 0, local_world: int = 1) -> torch.device:
+    """--device (auto, cpu, cuda) -> this rank's device: one GPU per process of the node.
+    Raises ConfigError (the same on every rank of the node) for cuda without GPUs, or for more
+    processes on the node than GPUs visible, rather than letting CUDA fail on a device ordinal."""
     from .config import ConfigError
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is visible to this process")
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if local_world > visible:
+        raise ConfigError(
+            f"{local_world} processes on this node but {visible} GPU(s) visible: start at most {visible} "
+            f"per node (--nproc_per_node={visible}), or pass --device cpu to run on the CPU"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def encode_prompts(family: ModelFamily, dit, model_dir: Path | None, texts: list[str], device, dtype, *,

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generate(tmp_path, capsys, *argv):
-    rc = main(["generate", "--preset", "tiny", "--prompt", "a cat walks", "--seed", "1",
+    rc = main(["generate", "--preset", "tiny", "--prompt", "a cat walks", "--seed", "1", "--device", "cpu",
                "--output-dir", str(tmp_path / "o"), *argv])
     return rc, capsys.readouterr().err
 
@@ -108,7 +108,7 @@ def test_single_process_native_attention_equals_the_models_sdpa():
 
 def test_no_video_writes_latents_and_a_record_only(tmp_path):
     cmd = [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "a cat", "--steps", "2",
-           "--seed", "4", "--no-video", "--output-dir", str(tmp_path)]
+           "--seed", "4", "--no-video", "--device", "cpu", "--output-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-cat_seed4.json", "a-cat_seed4.latents.safetensors"]

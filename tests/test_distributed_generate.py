@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
-BASE = ["--preset", "tiny", "--steps", "2", "--save-latents"]
+# CPU, fp32, gloo on any machine (on a GPU node the default would be bf16 on the GPUs).
+BASE = ["--preset", "tiny", "--steps", "2", "--save-latents", "--device", "cpu"]
 
 
 def run_launcher(out: Path, *args, nproc: int = 1, timeout: float = 240, seed: str | None = "7"):

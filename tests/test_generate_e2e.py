@@ -18,7 +18,8 @@ RECORD_KEYS = {
 
 def _generate(tmp_path, *extra):
     cmd = [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "A cat walks on the grass",
-           "--size", "64x96", "--frames", "9", "--steps", "2", "--seed", "5", "--output-dir", str(tmp_path), *extra]
+           "--size", "64x96", "--frames", "9", "--steps", "2", "--seed", "5", "--device", "cpu",
+           "--output-dir", str(tmp_path), *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

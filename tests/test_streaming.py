@@ -189,7 +189,8 @@ def test_out_of_memory_falls_back_once_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "resolve_job", with_fallback)
     monkeypatch.setattr(job, "_denoise_all", oom_first)
     out = tmp_path / "fallback"
-    argv = ["generate", "--preset", "tiny", "--steps", "2", "--seed", "7", "--save-latents", "--output-dir", str(out),
+    argv = ["generate", "--preset", "tiny", "--steps", "2", "--seed", "7", "--save-latents", "--device", "cpu",
+            "--output-dir", str(out),
             "--prompt", PROMPT[1]]
     assert main(argv) == 0
     assert calls == [0, 4]

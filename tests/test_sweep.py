@@ -172,7 +172,7 @@ def test_generate_uses_the_sweeps_topology_file(tiny_sweep, tmp_path):
     fastest = min((r for r in rows if r["gpus"] == 2), key=lambda r: r["seconds"])
     label = f"{fastest['ulysses']}x{fastest['ring']}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "launcher",
-           "generate", "--preset", "tiny", "--prompt", "a cat", "--steps", "1", "--seed", "2", "--no-video",
+           "generate", "--preset", "tiny", "--prompt", "a cat", "--steps", "1", "--seed", "2", "--no-video", "--device", "cpu",
            "--topology", str(topo), "--output-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
