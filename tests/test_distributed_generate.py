@@ -9,14 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
 # CPU, fp32, gloo on any machine (on a GPU node the default would be bf16 on the GPUs).
-BASE = ["--preset", "tiny", "--steps", "2", "--save-latents", "--device", "cpu"]
+BASE = ["--preset", "tiny", "--steps", "2", "--save-latents", "--save-grid", "--device", "cpu"]
 
 
 def run_launcher(out: Path, *args, nproc: int = 1, timeout: float = 240, seed: str | None = "7"):
@@ -43,9 +45,14 @@ def assert_same_videos(single: Path, parallel: Path, rtol: float = 1e-5) -> None
         assert la.shape == lb.shape
         rel = ((la - lb).norm() / la.norm()).item()
         assert rel < rtol, f"{stem}: latents differ, relative error {rel:.2e}"
+        # The decoded frames, losslessly (the PNG grid): fp32 rounding may move a pixel one level.
+        ga, gb = (torch.from_numpy(np.asarray(Image.open(d / f"{stem}.png"))).int() for d in (single, parallel))
+        assert ga.shape == gb.shape and (ga - gb).abs().max() <= 1, f"{stem}: decoded frames differ"
+        # The mp4s: H.264 is lossy, and a pixel one level apart can change the encoder's choices
+        # around it (seen on a 16-core machine), so these are compared on average.
         fa = torch.from_numpy(read_video_frames(single / f"{stem}.mp4")).int()
         fb = torch.from_numpy(read_video_frames(parallel / f"{stem}.mp4")).int()
-        assert fa.shape == fb.shape and (fa - fb).abs().max() <= 1, f"{stem}: decoded frames differ"
+        assert fa.shape == fb.shape and (fa - fb).abs().float().mean() <= 1, f"{stem}: videos differ"
 
 
 @pytest.fixture(scope="module")

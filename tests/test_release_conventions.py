@@ -92,9 +92,9 @@ def test_release_noise_on_cpu_is_the_cpu_generator_in_the_release_dtype():
     got = initial_noise(shape, 42, source="release", device="cpu", dtype=torch.float16)
     want = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(42), dtype=torch.float16)
     assert got.dtype == torch.float32 and torch.equal(got, want.float())
-    # On the CPU, torch draws half-precision normals from the fp32 stream and rounds them; on a
-    # GPU the stream itself differs (test below).
-    assert torch.equal(got, initial_noise(shape, 42).half().float())
+    # Other numbers than the default fp32 stream (how torch's CPU generator fills fp16 differs
+    # between torch versions: rounded fp32 draws in 2.13, another stream in 2.11).
+    assert not torch.equal(got, initial_noise(shape, 42))
     with pytest.raises(ValueError, match="valid: cpu, release"):
         initial_noise(shape, 42, source="gpu")
 
