@@ -1,6 +1,6 @@
 """A second model family defined outside models/, launcher/ and parallel/: a tiny DiT of joint
 attention blocks, the weightless built-in text encoder and an identity VAE (the latent is the
-video). Importing this module registers it; `VIDEODIT_FAMILIES=toy_family` makes `python -m
+video's RGB at 1/8 of its size; decoding repeats each pixel 8 x 8). Importing this module registers it; `VIDEODIT_FAMILIES=toy_family` makes `python -m
 launcher` import it, which is all a new family needs besides its own code.
 """
 
@@ -103,7 +103,7 @@ class ToyDiT(nn.Module):
 
 
 class IdentityVAE(nn.Module):
-    """Latent `[1, 3, F, h, w]` -> video `[3, F, 8h, 8w]` (nearest upsampling)."""
+    """No weights: `decode` maps latent `[1, 3, F, h, w]` -> video `[3, F, 8h, 8w]` (nearest)."""
 
 
 def build(cfg: ToyConfig, *, device="cpu", dtype=None, seed: int = 0) -> nn.Module:
