@@ -7,13 +7,7 @@
 #  3. a table of what ran (exit codes, conventions, memory plan, step times).
 # Usage: scripts/gpu_family_check.sh      Results: $OUT/*.log, $OUT/family.jsonl
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-outputs/gpu_family}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (PyAV, yunchang, diffusers)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+GPU_SCRIPT=gpu_family source "$(dirname "$0")/gpu_env.sh"
 timeout 200 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 RUNS="$OUT/runs"
