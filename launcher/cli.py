@@ -39,7 +39,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=int, help="frames per second of the mp4 (default: the preset's, 24)")
     p.add_argument("--vae-tiling", default="auto", choices=("auto", "release", "small", "off"),
                    help="VAE decode tiling: the release's tiles (auto), 17x16x16-latent tiles (small), or none")
-    p.add_argument("--negative-prompt", help="classic CFG: the negative prompt (with --cfg-scale != 1)")
+    p.add_argument("--negative-prompt", help="classic CFG: the negative prompt (with --cfg-scale != 1; default: "
+                   "the model family's, as its release does)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classic CFG scale (1 = off, the release's default)")
     par = p.add_argument_group("parallelism (torchrun)")
     par.add_argument("--ulysses", type=int, help="Ulysses degree (default: the topology table's choice)")
@@ -136,14 +137,47 @@ def _negative_prompt(args: argparse.Namespace, family) -> str | None:
     return family.default_negative_prompt if args.cfg_scale != 1.0 else None
 
 
+class Parser(argparse.ArgumentParser):
+    """One rule for every command: flags are spelled out (no abbreviations: `--over` must not
+    silently mean `--overwrite`), and a mistyped flag gets the nearest real ones."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        import difflib
+
+        if message.startswith("unrecognized arguments:"):
+            flags = sorted(_flags(self))
+            hints = []
+            for arg in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(arg.split("=")[0], flags, n=2)
+                if arg.startswith("--") and close:
+                    hints.append(f"{arg}: did you mean {' or '.join(close)}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every --flag of ``parser`` and of its subcommands (unknown flags are reported at the top)."""
+    out = set()
+    for action in parser._actions:
+        out.update(f for f in action.option_strings if f.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                out |= _flags(child)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launcher", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m launcher", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate_args(sub.add_parser("generate", help="text-to-video generation (one process or torchrun)"))
     add_plan_args(sub.add_parser("plan", help="topologies, tokens per rank and memory per rank, without GPUs"))
     from .slurm import add_slurm_args  # here: launcher.slurm imports this module
 
-    add_slurm_args(sub.add_parser("slurm", allow_abbrev=False,
-                                  help="a validated sbatch file for a multi-node generate (--submit: sbatch it)"))
+    add_slurm_args(sub.add_parser("slurm", help="a validated sbatch file for a multi-node generate (--submit: sbatch it)"))
     add_sweep_args(sub.add_parser("sweep", help="time generate over sizes, GPU counts, topologies and attention backends"))
     return parser

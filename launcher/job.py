@@ -123,7 +123,8 @@ def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
     if problem is not None:  # every rank holds the same conds: all raise alike, before any attention
         raise ConfigError(f"--attention {cfg.attention}: {problem}")
     plan, oom = job.memory.plan, None
-    log.info("memory: %s (%s; estimate %.1f GiB per GPU)", plan.label, job.memory.reason, plan.peak / 2**30)
+    where = "per GPU" if job.device.type == "cuda" else "per GPU were it on one; this run is on the CPU"
+    log.info("memory: %s (%s; estimate %.1f GiB %s)", plan.label, job.memory.reason, plan.peak / 2**30, where)
     try:
         result = _denoise_all(job, plan, loaded, conds, mesh, timer)
     except torch.OutOfMemoryError as err:

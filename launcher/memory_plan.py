@@ -68,8 +68,8 @@ class Placement:
     stream_text: bool = False
     prefetch: int = 1
 
-    def label(self, blocks: int) -> str:
-        parts = [f"fp8-{self.fp8}" if self.fp8 != "off" else "bf16"]
+    def label(self, blocks: int, dtype: str = "bf16") -> str:
+        parts = [f"fp8-{self.fp8}" if self.fp8 != "off" else dtype]
         if self.streamed:
             parts.append(f"stream {self.streamed}/{blocks} blocks")
         parts.append(f"cfg {'parallel' if self.cfg_degree == 2 else 'sequential'}")
@@ -93,6 +93,7 @@ class MemoryPlan:
     blocks: int
     weights: int = 0  # every DiT weight in this placement's format, resident or streamed
     vae_weights: int = 0
+    dtype: str = "bf16"  # the DiT's --dtype (the blocks' unless FP8)
 
     @property
     def denoise(self) -> int:
@@ -104,7 +105,7 @@ class MemoryPlan:
 
     @property
     def label(self) -> str:
-        return self.placement.label(self.blocks)
+        return self.placement.label(self.blocks, self.dtype)
 
     def to_dict(self) -> dict:
         return {"label": self.label, "streamed_blocks": self.placement.streamed, "fp8": self.placement.fp8,
@@ -190,7 +191,7 @@ def estimate(shape: JobShape, p: Placement) -> MemoryPlan:
     text = family.text.weight_bytes(p.stream_text) if shape.text_llm else 0
     return MemoryPlan(placement=p, resident_weights=resident, slots=slots, activations=acts, fp8_temp=fp8_temp,
                       decode=decode, text=text, blocks=n, weights=sizes.other + sum(per_block),
-                      vae_weights=vae_weights)
+                      vae_weights=vae_weights, dtype=shape.dtype)
 
 
 def candidates(shape: JobShape, fp8: str, tiling: str = "auto") -> list[Placement]:

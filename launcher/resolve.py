@@ -113,6 +113,21 @@ def choose_topology(cfg: RunConfig, dit, table: TopologyTable, world: int, cfg_d
     return local, why or reason
 
 
+def check_output_dir(folder: Path) -> None:
+    """--output-dir must be a folder this process can write, or creatable: checked before any
+    step runs (a file there, or a read-only folder, would otherwise fail after the denoising)."""
+    import os
+
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output-dir {folder}: exists and is not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "folder" if existing == folder else f"folder {existing} (where it would be created)"
+        raise ConfigError(f"--output-dir {folder}: the {what} is not writable")
+
+
 def output_paths(cfg: RunConfig, index: int) -> dict[str, Path]:
     """Where prompt `index`'s files go; refuses up front to overwrite unless --overwrite."""
     from .video import output_stem
@@ -172,6 +187,8 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
     dtype, text_dtype = resolve_dtypes(cfg, device)
     if check_files and cfg.model_dir is not None:
         family.check_model_dir(cfg.model_dir)
+    if check_files:
+        check_output_dir(cfg.output_dir)
     # Output names carry the seed: without one they are checked once rank 0 has drawn it.
     paths = [output_paths(cfg, i) for i in range(len(cfg.prompts))] if check_files and cfg.seed is not None else None
     try:

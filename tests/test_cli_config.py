@@ -57,3 +57,44 @@ def test_main_exits_2_with_the_message_and_writes_nothing(tmp_path, capsys):
     assert rc == 2
     assert "error: --frames 10" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "read-only"])
+def test_a_bad_output_dir_is_refused_before_any_step(tmp_path, capsys, kind):
+    import os
+
+    if kind == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    target = {"file": tmp_path / "out", "under-a-file": tmp_path / "out" / "videos", "read-only": tmp_path / "ro"}[kind]
+    if kind == "read-only":
+        target.mkdir()
+        target.chmod(0o500)
+    else:
+        (tmp_path / "out").write_text("not a folder")
+    rc = main(["generate", "--preset", "tiny", "--prompt", "x", "--steps", "1", "--device", "cpu",
+               "--output-dir", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: --output-dir {target}") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["ro"] if kind == "read-only" else ["out"])
+
+
+def test_cfg_scale_without_a_negative_prompt_uses_the_release_default():
+    from models.hunyuan_video.family import NEGATIVE_PROMPT
+
+    cfg = _cfg("--preset", "tiny", "--prompt", "x", "--cfg-scale", "7.5")
+    assert cfg.uses_cfg and cfg.negative_prompt == NEGATIVE_PROMPT
+    assert NEGATIVE_PROMPT.startswith("Aerial view, aerial view, overexposed")
+    assert _cfg("--preset", "tiny", "--prompt", "x").negative_prompt is None  # no CFG: no negative pass
+
+
+@pytest.mark.parametrize("argv", [["generate"], ["plan", "--gpus", "2"], ["sweep"],
+                                  ["slurm", "--nodes", "1", "--gpus-per-node", "1"]])
+def test_flags_are_never_abbreviated_and_typos_get_a_suggestion(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--overwrit"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --overwrit" in err and "did you mean --overwrite?" in err
+    with pytest.raises(SystemExit):
+        main(["generate", "--preset", "tiny", "--prompt", "x", "--over"])  # not --overwrite
+    assert "unrecognized arguments: --over" in capsys.readouterr().err

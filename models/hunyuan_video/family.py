@@ -15,6 +15,10 @@ from .config import PRESETS, HunyuanVideoConfig
 from .dit import HunyuanVideoDiT, patchify, unpatchify
 from .vae_memory import VAE_LARGEST_MEASURED_UNTILED, decode_bytes, tile_shape
 
+# The release's default negative prompt, used when classic CFG is on (--cfg-scale != 1) and no
+# --negative-prompt is given (its inference code does the same).
+NEGATIVE_PROMPT = ("Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, "
+                   "bad teeth, bad eyes, bad limbs, distortion")
 LLM_PARAMS = 7_500_000_000  # the release's llava-llama-3-8b language model (its 32 decoder layers)
 LLM_LAYERS = 32
 GIB = 2**30
@@ -148,4 +152,5 @@ FAMILY = ModelFamily(
                 calibrated=lambda cfg: cfg.vae_preset == "hunyuan-video", note=vae_note),
     check_model_dir=check_model_dir,
     guidance="embedded",
+    default_negative_prompt=NEGATIVE_PROMPT,
 )
