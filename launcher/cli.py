@@ -12,7 +12,9 @@ from .sweep_spec import add_sweep_args
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="hunyuan-video-13b", help="DiT preset (see `models.list_presets()`)")
+    from models import list_presets
+
+    p.add_argument("--preset", default="hunyuan-video-13b", help=f"DiT preset: {', '.join(list_presets())}")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="release or diffusers folder with the weights; random weights when left out")
     src = p.add_mutually_exclusive_group()
@@ -24,7 +26,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="noise seed (default: drawn by rank 0 and shared with every rank)")
     p.add_argument("--guidance", type=float, help="embedded guidance scale (default 6.0)")
     p.add_argument("--flow-shift", type=float, help="flow-matching sigma shift (default 7.0)")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"),
+                   help="folder for the mp4, its JSON record and the optional files (default: outputs)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--text-encoder-precision", default="auto", dest="text_dtype",

@@ -33,7 +33,7 @@ from parallel.backends import AttentionChoice, text_problem
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
 from .memory_plan import NCCL_ALLOWANCE, MemoryPlan
-from .record import PhaseTimer, command_line, device_used_bytes, now_iso, peak_memory, versions
+from .record import PhaseTimer, command_line, device_used_bytes, hostname, now_iso, peak_memory, run_context, versions
 from .resolve import ResolvedJob, output_paths, resolve_job
 
 log = logging.getLogger("launcher")
@@ -55,7 +55,8 @@ class Job(ResolvedJob):
 def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
     prefix = f"[rank {rank}] " if world > 1 else ""
     level = logging.INFO if rank == 0 or all_ranks else logging.WARNING
-    logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
 
 
 def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.Module | None]:
@@ -162,8 +163,11 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
     try:
         grid = job.token_grid
         shard = parallelize(model, mesh, num_tokens=job.num_tokens, backend=cfg.attention)
-        log.info("attention: %s, kernel %s%s", shard.attention.backend, shard.attention.kernel,
-                 f" ({shard.attention.note})" if shard.attention.note else "")
+        if shard.attention.backend == "model":  # one rank on the CPU: nothing to shard
+            log.info("attention: the model's own SDPA (one sequence-parallel rank on the CPU)")
+        else:
+            log.info("attention: %s, kernel %s%s", shard.attention.backend, shard.attention.kernel,
+                     f" ({shard.attention.note})" if shard.attention.note else "")
         cos, sin = model.rope(grid)
         rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
         dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
@@ -173,7 +177,8 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
             with timer.phase("denoise"):
                 tokens, step_s[i] = denoise_one(job, model, shard, rope, conds, i, mesh)
             latents[i] = ph.tokens_to_latents(job.family, job.dit, tokens.cpu(), (cfg.height, cfg.width, cfg.frames))
-        peaks = mesh.gather_objects(peak_memory(job.device)) if mesh is not None else [peak_memory(job.device)]
+        mine = {"host": hostname(), **peak_memory(job.device)}
+        peaks = mesh.gather_objects(mine) if mesh is not None else [mine]
         return latents, step_s, peaks, placed.host_kind, shard.attention
     finally:
         placed.close()
@@ -286,9 +291,16 @@ def _decode_and_write(job: Job, latents, step_s, timer: PhaseTimer, peaks, plan:
         rec = record(job, i, timer, step_s[i], peaks, attention) | {"memory": memory}
         write_json_atomic(rec, job.paths[i]["record"], overwrite=cfg.overwrite)
         main = job.paths[i]["latents" if cfg.no_video else "video"]
-        log.info("wrote %s", main)
+        log.info("wrote %s: %d steps in %.1f s, %.1f s since the text encoding began, peak %s", main, len(step_s[i]),
+                 sum(step_s[i]), timer.elapsed(), _peak_text(peaks))
         written.append(main)
     return written
+
+
+def _peak_text(peaks: list[dict]) -> str:
+    """The largest rank's peak: GPU memory on CUDA, host memory on the CPU."""
+    key, where = ("gpu_device_peak_gib", "GPU") if "gpu_device_peak_gib" in peaks[0] else ("host_rss_gib", "host")
+    return f"{max(p[key] for p in peaks):.2f} GiB {where} memory per rank"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -344,7 +356,10 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "peak_memory": peak_memory(job.device),
         "peak_memory_per_rank": peaks,
         "versions": versions(),
+        "run": run_context([p["host"] for p in peaks]),
         "outputs": {"video": None, **{k: str(v) for k, v in paths.items()}},  # video None: --no-video
         "command": command_line(),
+        "started": timer.started,
+        "wall_s": timer.elapsed(),
         "finished": now_iso(),
     }

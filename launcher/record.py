@@ -6,11 +6,14 @@ import os
 import platform
 import resource
 import shlex
+import socket
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -21,6 +24,12 @@ class PhaseTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = {}
+        self.started = now_iso()
+        self._t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the timer was made (the job makes it when its text encoding starts)."""
+        return time.perf_counter() - self._t0
 
     @contextmanager
     def phase(self, name: str):
@@ -79,7 +88,50 @@ def versions() -> dict[str, str]:
     if torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
         out["gpu"] = torch.cuda.get_device_name()
+        out["cudnn"] = str(torch.backends.cudnn.version())
+        try:
+            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except (AttributeError, RuntimeError):
+            pass
     return out
+
+
+# Environment variables that change how a run behaves, recorded as they were.
+RECORDED_ENV_PREFIXES = ("LAUNCHER_", "NCCL_", "TORCH_", "PYTORCH_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
+                         "VIDEODIT_")
+
+
+def run_context(hosts: list[str]) -> dict:
+    """Where and from what a run came: the checkout's commit, the hosts of its ranks, the Slurm
+    job, the argv as given and the settings in force."""
+    return {
+        "git": git_commit(),
+        "hosts": sorted(set(hosts)),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "argv": sys.argv,
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_ENV_PREFIXES)},
+    }
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def git_commit() -> dict | None:
+    """The commit of the checkout the code runs from (and whether tracked files differ from it),
+    or None for an installed copy."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def now_iso() -> str:

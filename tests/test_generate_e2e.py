@@ -1,6 +1,7 @@
 """`python -m launcher generate` end to end on one process with the tiny preset."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,15 @@ def test_bad_checkpoint_in_model_dir_exits_2_with_the_file_named(tmp_path):
     assert proc.returncode == 2
     assert f"error: {path}: does not match the tiny DiT: 1 missing (final_layer.linear.bias)" in proc.stderr
     assert not list((tmp_path / "out").glob("*.mp4"))
+
+
+def test_the_record_says_where_and_from_what_it_ran(tmp_path):
+    proc = _generate(tmp_path, "--no-video")
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(next(tmp_path.glob("*.json")).read_text())
+    run = rec["run"]
+    assert run["hosts"] == [socket.gethostname()] and run["argv"][1:3] == ["generate", "--preset"]
+    assert run["git"] is None or len(run["git"]["commit"]) == 40
+    assert rec["wall_s"] > 0 and rec["started"] <= rec["finished"]
+    assert rec["peak_memory_per_rank"][0]["host"] == socket.gethostname()
+    assert "wrote" in proc.stderr and "steps in" in proc.stderr and "GiB host memory per rank" in proc.stderr
