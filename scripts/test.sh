@@ -5,7 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 scripts/setup_env.sh
-scripts/setup_slurm.sh  # the one-machine Slurm cluster test; never fatal
+# The one-machine Slurm cluster test needs Debian's slurm and munge packages. Installing system
+# packages is opt-in (CI opts in through .ci/run): VIDEODIT_INSTALL_SLURM=1 scripts/test.sh.
+if [ "${VIDEODIT_INSTALL_SLURM:-0}" = 1 ]; then
+  scripts/setup_slurm.sh  # never fatal
+fi
 set +e
 "$VENV/bin/python" -m pytest -q -ra "$@"
 rc=$?

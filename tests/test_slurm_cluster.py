@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
 def _missing() -> str | None:
     absent = [d for d in DAEMONS if shutil.which(d) is None]
     if absent:
-        return f"Slurm is not installed ({', '.join(absent)} not on PATH; scripts/setup_slurm.sh installs it)"
+        return (f"Slurm is not installed ({', '.join(absent)} not on PATH); to run this test, install it: "
+                f"VIDEODIT_INSTALL_SLURM=1 scripts/test.sh (apt-get, as root)")
     if os.geteuid() != 0:
         return "the local Slurm cluster needs root (slurmd starts jobs as their owner)"
     return None
