@@ -16,7 +16,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--preset", default="hunyuan-video-13b", help=f"DiT preset: {', '.join(list_presets())}")
     p.add_argument("--model-dir", type=Path, default=None,
-                   help="release or diffusers folder with the weights; random weights when left out")
+                   help="release or diffusers folder with the weights (README: 'Models and their weights')")
+    p.add_argument("--random-weights", action="store_true",
+                   help="run a released preset on seeded random weights, without --model-dir (benchmarks; "
+                        "the video is noise); presets that were never released always do")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the text prompt")
     src.add_argument("--prompts-file", type=Path, help="one prompt per line; each gets its own video")
@@ -95,6 +98,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         preset=args.preset,
         model_dir=args.model_dir,
+        random_weights=args.random_weights,
         prompts=prompts,
         height=height,
         width=width,

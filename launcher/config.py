@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 class RunConfig:
     preset: str
     model_dir: Path | None
+    random_weights: bool = False  # no --model-dir on a released preset: said, not silent
     prompts: tuple[str, ...]
     height: int
     width: int
@@ -145,7 +146,19 @@ def validate(cfg: RunConfig) -> None:
     _validate_memory(cfg)
     if cfg.model_dir is not None and not cfg.model_dir.is_dir():
         raise ConfigError(f"--model-dir {cfg.model_dir}: no such directory")
+    _validate_weights(cfg, family)
     _validate_benchmarking(cfg)
+
+
+def _validate_weights(cfg: RunConfig, family) -> None:
+    """A released preset runs the checkpoint a user downloaded; random weights only when asked."""
+    if cfg.random_weights and cfg.model_dir is not None:
+        raise ConfigError("--random-weights and --model-dir exclude each other: give one")
+    if cfg.preset in family.released and cfg.model_dir is None and not cfg.random_weights:
+        raise ConfigError(
+            f"--preset {cfg.preset} is a released model: give --model-dir with its weights (see the README, "
+            f"'Models and their weights'), or --random-weights to run it on seeded random weights (benchmarks)"
+        )
 
 
 def _validate_benchmarking(cfg: RunConfig) -> None:

@@ -34,7 +34,7 @@ from . import pipeline as ph
 from .config import ConfigError, RunConfig
 from .memory_plan import NCCL_ALLOWANCE, MemoryPlan
 from .record import PhaseTimer, command_line, device_used_bytes, hostname, now_iso, peak_memory, run_context, versions
-from .resolve import ResolvedJob, output_paths, resolve_job
+from .resolve import ResolvedJob, host_memory_bytes, output_paths, resolve_job
 
 log = logging.getLogger("launcher")
 # The two names torch reads its allocator settings from.
@@ -66,7 +66,10 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.M
     device = ph.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")),
                                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    resolved = resolve_job(cfg, world=world, device=device, device_memory=total)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host = host_memory_bytes()
+    resolved = resolve_job(cfg, world=world, device=device, device_memory=total,
+                           host_memory_per_rank=None if host is None else host // local_world)
     loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, resolved.dtype, resolved.memory.plan.placement.fp8)
     return Job.on_rank(resolved, rank), loaded
 
@@ -77,6 +80,8 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     setup_logging(rank, world, cfg.log_all_ranks)
     _expandable_segments_under_budget(cfg)
     job, loaded = validate_job(cfg, rank, world)
+    if cfg.model_dir is None:
+        log.info("weights: seeded random (no --model-dir): the video is noise")
     topo = job.topology
     source = f"table {job.table_path}" if topo.source == "table" else topo.source
     log.info("topology %s (%s): dp %d, cfg %d, ring %d, ulysses %d on %d rank(s)",
@@ -336,7 +341,8 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "negative_prompt": cfg.negative_prompt if cfg.uses_cfg else None,
         "seed": cfg.seed + i,
         "model": {"family": job.family.name, "preset": cfg.preset,
-                  "model_dir": None if cfg.model_dir is None else str(cfg.model_dir)},
+                  "model_dir": None if cfg.model_dir is None else str(cfg.model_dir),
+                  "random_weights": cfg.model_dir is None},
         "size": [cfg.height, cfg.width],
         "frames": cfg.frames,
         "steps": cfg.steps,

@@ -80,7 +80,7 @@ def plan_config(*, preset: str, height: int, width: int, frames: int, dtype: str
     prompt and output folder are placeholders; cfg 2 stands for classic CFG (a negative pass)."""
     knobs = knobs or MemoryKnobs()
     return RunConfig(
-        preset=preset, model_dir=None, prompts=("plan",), height=height, width=width, frames=frames,
+        preset=preset, model_dir=None, random_weights=True, prompts=("plan",), height=height, width=width, frames=frames,
         steps=1, seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."), dtype=dtype, vae_tiling=vae_tiling,
         negative_prompt="negative" if cfg == 2 else None, cfg_scale=2.0 if cfg == 2 else 1.0, cfg_degree=cfg,
         dp=dp, ulysses=ulysses, ring=ring, max_gpu_memory=knobs.max_gpu_memory, memory_profile=knobs.memory_profile,

@@ -163,6 +163,32 @@ def _plan_memory(cfg: RunConfig, dit, table: TopologyTable, world: int, dtype: t
     return memory, chosen[memory.topology.topology.cfg][1]
 
 
+def host_memory_bytes() -> int | None:
+    """The machine's memory (MemTotal), or None where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(cfg: RunConfig, memory: JobMemory, available: int) -> None:
+    """On the CPU the DiT's weights and activations live in host memory: refuse up front, with the
+    estimate, what would otherwise be killed by the kernel minutes later."""
+    plan = memory.plan
+    need = plan.weights + plan.activations
+    if need > available:
+        gib = 2**30
+        raise ConfigError(
+            f"--preset {cfg.preset} at {cfg.height}x{cfg.width}x{cfg.frames} on the CPU needs about {need / gib:.1f} "
+            f"GiB per process (weights {plan.weights / gib:.1f}, activations {plan.activations / gib:.1f}); this "
+            f"machine has {available / gib:.1f} GiB per process: run it on GPUs, or take a smaller preset or size"
+        )
+
+
 def check_attention(cfg: RunConfig, num_tokens: int, topology: ResolvedTopology, device_type: str) -> None:
     """The --attention backend's limits (CUDA, package, SP size, even tokens)."""
     problem = backend_problem(cfg.attention, device_type=device_type, sp_size=topology.topology.sp,
@@ -173,12 +199,13 @@ def check_attention(cfg: RunConfig, num_tokens: int, topology: ResolvedTopology,
 
 def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memory: int | None = None,
                 gpus_per_node: int | None = None, check_files: bool = True,
-                text_weights: bool | None = None) -> ResolvedJob:
+                text_weights: bool | None = None, host_memory_per_rank: int | None = None) -> ResolvedJob:
     """The job ``cfg`` makes on ``world`` ranks of ``device`` type with ``device_memory`` bytes per
     GPU (None: no GPU to plan for; a --max-gpu-memory budget still is). ``gpus_per_node``: keep
     Ulysses inside a node (multi-node jobs). ``check_files``: the weight folders and output paths
     (off where the job runs elsewhere, e.g. a batch file rendered for a cluster). ``text_weights``:
-    whether the family's real text encoder is loaded (default: with --model-dir). Raises ConfigError
+    whether the family's real text encoder is loaded (default: with --model-dir).
+    ``host_memory_per_rank``: on the CPU, the host memory each process may use. Raises ConfigError
     (or the family's ModelInputError) with the message every rank prints alike."""
     if world < 1:
         raise ConfigError(f"--gpus {world}: must be at least 1")
@@ -198,6 +225,8 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
     text_weights = cfg.model_dir is not None if text_weights is None else text_weights
     memory, reason = _plan_memory(cfg, dit, table, world, dtype, device_memory, gpus_per_node, text_weights)
     check_attention(cfg, math.prod(dit.token_grid(cfg.height, cfg.width, cfg.frames)), memory.topology, device.type)
+    if device.type == "cpu" and host_memory_per_rank is not None:
+        check_host_memory(cfg, memory, host_memory_per_rank)
     return ResolvedJob(cfg=cfg, family=family, dit=dit, world=world, device=device, dtype=dtype,
                        text_dtype=text_dtype, table=table, topology=memory.topology, reason=reason, memory=memory,
                        paths=paths)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 GENERATE_TEMPLATE = """\
 #!/bin/bash
-# HunyuanVideo generation on {{nodes}} node(s) x {{nproc}} {{unit}}: {{world}} ranks.
+# {{model}} generation on {{nodes}} node(s) x {{nproc}} {{unit}}: {{world}} ranks.
 # Rendered by: {{command}}
 # Re-render rather than edit the degrees below for another shape.
 # Submit from the folder the job should run in (outputs/ and logs/ are relative to it), with the
@@ -86,6 +86,7 @@ class SbatchJob:
     ulysses: int
     command: str  # the `python -m launcher slurm ...` line that renders this file
     file: str = "FILE.sbatch"
+    model: str = "Video"  # the preset, for the header
 
 
 def _sbatch_extra(job: SbatchJob) -> str:
@@ -113,6 +114,7 @@ def _arg_lines(args: tuple[str, ...]) -> str:
 def render_sbatch(job: SbatchJob) -> str:
     """The batch file's text."""
     values = {
+        "model": job.model,
         "nodes": job.nodes,
         "nproc": job.procs_per_node,
         "unit": "GPUs" if job.gpus else "CPU processes",

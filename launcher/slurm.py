@@ -139,6 +139,7 @@ def build_job(args: argparse.Namespace) -> SbatchJob:
         ulysses=topo.ulysses,
         command=render_command(args),
         file=str(_target(args) or "FILE.sbatch"),
+        model=job.cfg.preset,
     )
 
 

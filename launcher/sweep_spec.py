@@ -254,6 +254,8 @@ def launch_command(c: SweepConfig, spec: SweepSpec, run_dir: Path) -> list[str]:
     if spec.no_video:
         gen.append("--no-video")
     gen += list(spec.extra_args)
+    if "--model-dir" not in spec.extra_args:  # a timing run: released presets on random weights, said so
+        gen.append("--random-weights")
     if c.gpus == 1:
         return [sys.executable, *gen]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={c.gpus}", *gen]

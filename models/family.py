@@ -115,6 +115,7 @@ class ModelFamily:
     text: TextSpec
     vae: VaeSpec
     check_model_dir: Callable[[Path], None] = lambda path: None
+    released: frozenset[str] = frozenset()  # presets of a published checkpoint: weights expected
     guidance: str = "embedded"  # "embedded": a distilled scale fed to the DiT; "cfg": classic CFG only
     default_negative_prompt: str | None = None
     size_multiple: int = 16  # height and width

@@ -37,5 +37,5 @@ gen u4r1 4 "${SMALL[@]}" --ulysses 4 --ring 1
 gen u2r2 4 "${SMALL[@]}" --ulysses 2 --ring 2
 gen u1r4 4 "${SMALL[@]}" --ulysses 1 --ring 4
 gen cfg2_u2r1 4 "${SMALL[@]}" "${CFGARGS[@]}" --cfg 2 --ulysses 2 --ring 1
-gen 13b_u4r1 4 --preset hunyuan-video-13b --size 720x1280 --frames 129 --steps 2 --seed 3 --overwrite
+gen 13b_u4r1 4 --preset hunyuan-video-13b --random-weights --size 720x1280 --frames 129 --steps 2 --seed 3 --overwrite
 python3 scripts/gpu_generate_summary.py --runs "$RUNS" --kind "$KIND" --jsonl "$OUT/generate.jsonl"

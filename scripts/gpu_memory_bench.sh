@@ -17,7 +17,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 df -h /dev/shm | tail -1
-COMMON=(--preset hunyuan-video-13b --frames 129 --steps "${STEPS:-3}" --seed 3 --no-video --overwrite)
+COMMON=(--preset hunyuan-video-13b --random-weights --frames 129 --steps "${STEPS:-3}" --seed 3 --no-video --overwrite)
 declare -A ARGS=(
   [plain]="--size 720x1280"
   [stream_all]="--size 720x1280 --stream-blocks 60"

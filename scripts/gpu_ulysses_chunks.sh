@@ -14,7 +14,7 @@ CHUNKS=("$@")
 OUT=${OUT:-outputs/gpu_chunks}
 RUNS="$OUT/runs"
 mkdir -p "$RUNS"
-COMMON=(--preset hunyuan-video-13b --frames 129 --seed 3 --no-video --overwrite --prompt "a red fox in the snow")
+COMMON=(--preset hunyuan-video-13b --random-weights --frames 129 --seed 3 --no-video --overwrite --prompt "a red fox in the snow")
 gen() {  # NAME GPUS SIZE STEPS: one run, its log beside its folder
   local name=$1 gpus=$2 size=$3 steps=$4
   timeout "${RUN_TIMEOUT:-120}" python3 -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m launcher generate \

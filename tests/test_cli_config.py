@@ -14,7 +14,7 @@ def _cfg(*argv):
 def test_defaults_come_from_the_preset():
     cfg = _cfg("--preset", "tiny", "--prompt", "a cat")
     assert (cfg.height, cfg.width, cfg.frames, cfg.steps) == (64, 96, 9, 4)
-    cfg = _cfg("--prompt", "a cat")
+    cfg = _cfg("--prompt", "a cat", "--random-weights")
     assert (cfg.preset, cfg.height, cfg.width, cfg.frames, cfg.steps) == ("hunyuan-video-13b", 720, 1280, 129, 50)
     assert cfg.guidance == 6.0 and cfg.flow_shift == 7.0
 
@@ -98,3 +98,20 @@ def test_flags_are_never_abbreviated_and_typos_get_a_suggestion(capsys, argv):
     with pytest.raises(SystemExit):
         main(["generate", "--preset", "tiny", "--prompt", "x", "--over"])  # not --overwrite
     assert "unrecognized arguments: --over" in capsys.readouterr().err
+
+
+def test_a_released_preset_needs_weights_or_says_random(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ConfigError, match="is a released model: give --model-dir .* or --random-weights"):
+        _cfg("--preset", "hunyuan-video-13b", "--prompt", "x")
+    assert _cfg("--preset", "hunyuan-video-13b", "--prompt", "x", "--random-weights").random_weights
+    with pytest.raises(ConfigError, match="exclude each other"):
+        _cfg("--preset", "tiny", "--prompt", "x", "--random-weights", "--model-dir", str(tmp_path))
+    # On the CPU a job that cannot fit is refused up front, with the estimate.
+    import launcher.job
+
+    monkeypatch.setattr(launcher.job, "host_memory_bytes", lambda: 2 * 2**30)
+    rc = main(["generate", "--preset", "hunyuan-video-2block", "--prompt", "x", "--device", "cpu",
+               "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "on the CPU needs about" in err and "this machine has 2.0 GiB per process" in err
+    assert not (tmp_path / "o").exists()

@@ -19,7 +19,7 @@ PROMPT = "a cat's \"big\" day $HOME `x`"
 
 
 def render(capsys, *argv) -> str:
-    rc = main(["slurm", "--prompt", PROMPT, *argv])
+    rc = main(["slurm", "--random-weights", "--prompt", PROMPT, *argv])
     out = capsys.readouterr()
     assert rc == 0, out.err
     return out.out
@@ -132,7 +132,7 @@ def test_bad_jobs_exit_2_naming_the_choices(capsys, tmp_path, argv, message):
     import re
 
     target = tmp_path / "job.sbatch"
-    rc = main(["slurm", "--prompt", "a cat", *argv, "-o", str(target)])
+    rc = main(["slurm", "--random-weights", "--prompt", "a cat", *argv, "-o", str(target)])
     err = capsys.readouterr().err
     assert rc == 2 and re.search(message, err), err
     assert not target.exists()
@@ -141,7 +141,7 @@ def test_bad_jobs_exit_2_naming_the_choices(capsys, tmp_path, argv, message):
 def test_submit_without_sbatch_says_so(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
-    rc = main(["slurm", "--prompt", "a cat", "--nodes", "2", "--submit"])
+    rc = main(["slurm", "--random-weights", "--prompt", "a cat", "--nodes", "2", "--submit"])
     assert rc == 1
     assert "sbatch is not on PATH" in capsys.readouterr().err
     assert (tmp_path / "slurm-videodit.sbatch").is_file()
@@ -154,7 +154,7 @@ def test_submit_calls_sbatch(capsys, tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
-    assert main(["slurm", "--prompt", "a cat", "--submit", "-o", "j.sbatch"]) == 0
+    assert main(["slurm", "--random-weights", "--prompt", "a cat", "--submit", "-o", "j.sbatch"]) == 0
     assert "Submitted batch job 123 (j.sbatch)" in capsys.readouterr().out
     assert (tmp_path / "logs").is_dir()  # Slurm cannot create the log's folder itself
 

@@ -153,4 +153,5 @@ FAMILY = ModelFamily(
     check_model_dir=check_model_dir,
     guidance="embedded",
     default_negative_prompt=NEGATIVE_PROMPT,
+    released=frozenset({"hunyuan-video-13b"}),
 )
