@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLatents as err:  # the run diverged: say where, without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal: one line, not N tracebacks
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("interrupted (files are written whole or not at all)", file=sys.stderr)
+        return 130
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -62,7 +62,13 @@ class BuiltinTextEncoder:
         self.device, self.dtype = torch.device(device), dtype
 
     def _one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        words = prompt_words(prompt)[: self.max_tokens]
+        words = prompt_words(prompt)
+        if len(words) > self.max_tokens:
+            import warnings
+
+            warnings.warn(f"prompt of {len(words)} words: the built-in text encoder keeps the first "
+                          f"{self.max_tokens}; the rest is cut", stacklevel=3)
+        words = words[: self.max_tokens]
         txt = torch.zeros(self.max_tokens, self.text_dim)
         for i, word in enumerate(words):
             txt[i] = hashed_vector("word\0" + word, self.text_dim)

@@ -122,9 +122,13 @@ def test_mask_counts_prompt_tokens_and_padding_is_zero(enc):
         assert torch.all(cond.txt[b, valid:] == 0)
 
 
-def test_long_prompt_is_truncated_to_text_len(enc):
-    cond = enc.encode(["cat " * 300])
+def test_long_prompt_is_truncated_to_text_len_with_a_warning(enc):
+    with pytest.warns(UserWarning) as caught:
+        cond = enc.encode(["cat " * 300])
     assert cond.txt.shape[1] == TEXT_LEN and cond.mask.sum() == TEXT_LEN
+    said = [str(w.message) for w in caught]
+    assert any(f"the LLM text encoder keeps the first {TEXT_LEN}" in m for m in said), said
+    assert any("CLIP (its pooled vector) keeps the first 77" in m for m in said), said
 
 
 def test_first_kept_token_is_the_prompt(enc):
@@ -278,7 +282,8 @@ def test_builtin_pinned_values():
 
 def test_builtin_layout_and_determinism():
     e = BuiltinTextEncoder(16, 8, max_tokens=5)
-    cond = e.encode(["a cat walks", "a cat walks", "a dog walks", "", "one two three four five six seven"])
+    with pytest.warns(UserWarning, match="prompt of 7 words: the built-in text encoder keeps the first 5"):
+        cond = e.encode(["a cat walks", "a cat walks", "a dog walks", "", "one two three four five six seven"])
     assert cond.txt.shape == (5, 5, 16) and cond.mask.shape == (5, 5) and cond.pooled.shape == (5, 8)
     assert cond.mask.sum(1).tolist() == [3, 3, 3, 1, 5]  # empty prompt: one token; long ones truncated
     assert torch.equal(cond.txt[0], cond.txt[1]) and torch.equal(cond.pooled[0], cond.pooled[1])

@@ -175,6 +175,14 @@ def _load_tokenizer(folder: Path, cls_name: str = "AutoTokenizer"):
     return getattr(transformers, cls_name).from_pretrained(folder, local_files_only=True)
 
 
+def warn_if_cut(prompt: str, tokens: int, window: int, encoder: str) -> None:
+    """Truncation is what the release does too, but a user should know their words were dropped."""
+    if tokens > window:
+        head = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+        warnings.warn(f"prompt {head!r}: {tokens} tokens, {encoder} keeps the first {window}; the rest is cut",
+                      stacklevel=3)
+
+
 class LlmPromptEncoder:
     """Templated prompt -> (txt `[B, text_len, hidden]` in the model's dtype, mask `[B, text_len]`
     long). States at padded positions are zeroed: consumers mask them (the release does too), and
@@ -201,8 +209,11 @@ class LlmPromptEncoder:
         self.crop_start = measured if crop_start is None else crop_start
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        templated = [self.template.format(p) for p in prompts]
+        for prompt, ids in zip(prompts, self.tokenizer(templated)["input_ids"]):
+            warn_if_cut(prompt, len(ids) - self.crop_start, self.text_len, "the LLM text encoder")
         batch = self.tokenizer(
-            [self.template.format(p) for p in prompts],
+            templated,
             max_length=self.text_len + self.crop_start,
             padding="max_length",
             truncation=True,
@@ -223,6 +234,8 @@ class ClipPooledEncoder:
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
+        for prompt, ids in zip(prompts, self.tokenizer(prompts)["input_ids"]):
+            warn_if_cut(prompt, len(ids), self.max_length, "CLIP (its pooled vector)")
         batch = self.tokenizer(
             prompts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
         )
