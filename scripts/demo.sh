@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 scripts/setup_env.sh
-"$VENV/bin/python" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-2}" \
+# One intra-op thread per process (what torchrun would choose, without its banner about it).
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-2}" \
   -m launcher generate --preset tiny --prompt "A cat walks on the grass" \
   --seed 42 --output-dir outputs/demo --save-grid --overwrite "$@"
