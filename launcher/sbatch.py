@@ -32,7 +32,7 @@ GENERATE_TEMPLATE = """\
 #SBATCH --time={{time}}
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
-
+{{setup}}
 # Topology: {{topology}}
 {{reason}}
 # Node n runs ranks [n*{{nproc}}, (n+1)*{{nproc}}) and rank = ((dp*cfg + c)*ring + r)*ulysses + u, so each
@@ -87,6 +87,9 @@ class SbatchJob:
     command: str  # the `python -m launcher slurm ...` line that renders this file
     file: str = "FILE.sbatch"
     model: str = "Video"  # the preset, for the header
+    mem: str | None = None  # #SBATCH --mem
+    sbatch_args: tuple[str, ...] = ()  # more #SBATCH lines, as given
+    setup: str | None = None  # the site's shell set-up (module loads, conda activate), run first
 
 
 def _sbatch_extra(job: SbatchJob) -> str:
@@ -97,7 +100,16 @@ def _sbatch_extra(job: SbatchJob) -> str:
         lines.append(f"#SBATCH --partition={job.partition}")
     if job.account:
         lines.append(f"#SBATCH --account={job.account}")
+    if job.mem:
+        lines.append(f"#SBATCH --mem={job.mem}")
+    lines += [f"#SBATCH {arg}" for arg in job.sbatch_args]
     return "".join(line + "\n" for line in lines)
+
+
+def _setup(job: SbatchJob) -> str:
+    if not job.setup:
+        return ""
+    return "\n# Site set-up (--setup), before anything else runs:\n" + job.setup.rstrip("\n") + "\n"
 
 
 def _arg_lines(args: tuple[str, ...]) -> str:
@@ -122,6 +134,7 @@ def render_sbatch(job: SbatchJob) -> str:
         "file": job.file,
         "job_name": job.job_name,
         "sbatch_extra": _sbatch_extra(job),
+        "setup": _setup(job),
         "cpus": job.cpus_per_task,
         "time": job.time,
         "topology": job.topology,

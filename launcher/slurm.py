@@ -50,6 +50,11 @@ def add_slurm_args(p: argparse.ArgumentParser) -> None:
     job.add_argument("--job-name", default="videodit", help="job name (logs go to logs/NAME-JOBID.out)")
     job.add_argument("--cpus-per-task", type=int,
                      help="CPU cores per node's task (default: 4 per GPU; 1 per process on CPU)")
+    job.add_argument("--mem", help="memory per node (#SBATCH --mem), e.g. 200G or 0 for all of it")
+    job.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args", metavar="ARG",
+                     help="another #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    job.add_argument("--setup", help="shell lines the job runs first (module loads, conda activate), or @FILE "
+                     "to take them from a file")
     job.add_argument("-o", "--output-file", type=Path, help="write the sbatch file here (default: print it)")
     job.add_argument("--submit", action="store_true",
                      help="write the file (-o, or ./slurm-NAME.sbatch) and submit it with sbatch")
@@ -65,9 +70,25 @@ def check_job_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--cpus-per-task {args.cpus_per_task}: must be at least 1")
     if not _TIME.match(args.time):
         raise ConfigError(f"--time {args.time!r}: valid forms: MINUTES, HH:MM:SS, DAYS-HH[:MM[:SS]]")
-    for flag, value in (("--job-name", args.job_name), ("--partition", args.partition), ("--account", args.account)):
+    for flag, value in (("--job-name", args.job_name), ("--partition", args.partition), ("--account", args.account),
+                        ("--mem", args.mem)):
         if value is not None and not _SLURM_WORD.match(value):
             raise ConfigError(f"{flag} {value!r}: letters, digits and _.,:+=@%- only (no spaces or quotes)")
+    for arg in args.sbatch_args:
+        if not arg.startswith("-") or any(c in arg for c in "\n\r#"):
+            raise ConfigError(f"--sbatch-arg {arg!r}: one sbatch option such as --qos=high (no newlines or '#')")
+    if args.setup is not None:
+        setup_text(args.setup)  # a missing @FILE fails here
+
+
+def setup_text(value: str) -> str:
+    """--setup: the lines themselves, or @FILE's contents."""
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"--setup {value}: cannot read it ({err.strerror})") from None
 
 
 def resolve_cluster_job(args: argparse.Namespace) -> ResolvedJob:
@@ -108,9 +129,11 @@ def render_command(args: argparse.Namespace) -> str:
     """The `python -m launcher slurm ...` line that renders this job again (without -o/--submit)."""
     argv = ["--nodes", str(args.nodes), "--gpus-per-node", str(args.gpus_per_node)]
     for flag, value in (("--partition", args.partition), ("--account", args.account), ("--time", args.time),
-                        ("--job-name", args.job_name), ("--cpus-per-task", args.cpus_per_task)):
+                        ("--job-name", args.job_name), ("--cpus-per-task", args.cpus_per_task), ("--mem", args.mem),
+                        ("--setup", args.setup)):
         if value is not None:
             argv += [flag, str(value)]
+    argv += [f"--sbatch-arg={a}" for a in args.sbatch_args]
     argv += passthrough_args(args)
     if args.output_dir != Path("outputs"):
         argv += ["--output-dir", str(args.output_dir)]
@@ -140,6 +163,9 @@ def build_job(args: argparse.Namespace) -> SbatchJob:
         command=render_command(args),
         file=str(_target(args) or "FILE.sbatch"),
         model=job.cfg.preset,
+        mem=args.mem,
+        sbatch_args=tuple(args.sbatch_args),
+        setup=None if args.setup is None else setup_text(args.setup),
     )
 
 

@@ -237,3 +237,20 @@ def test_nothing_changes_outside_an_srun_task(env):
 def test_bad_nodelist_in_a_task_is_a_config_error():
     with pytest.raises(ConfigError, match="SLURM|host list"):
         apply_slurm_env(srun_env(SLURM_STEP_NODELIST="gpu[07-"))
+
+
+def test_site_setup_memory_and_extra_sbatch_lines(capsys, tmp_path):
+    setup = tmp_path / "site.sh"
+    setup.write_text("module load cuda/12.4\nsource /opt/conda/bin/activate videodit\n")
+    text = render(capsys, "--nodes", "2", "--gpus-per-node", "4", "--mem", "200G", "--sbatch-arg=--qos=high",
+                  "--sbatch-arg=--exclusive", "--setup", f"@{setup}")
+    head, body = text.split("set -euo pipefail\n", 1)
+    assert "#SBATCH --mem=200G\n#SBATCH --qos=high\n#SBATCH --exclusive\n" in head
+    assert body.index("module load cuda/12.4\nsource /opt/conda/bin/activate videodit\n") < body.index("srun")
+    bash_n(text)
+    assert "--sbatch-arg=--qos=high" in text.splitlines()[2]  # the Rendered-by line reproduces it
+    for argv, message in ((["--sbatch-arg", "qos high"], "one sbatch option"),
+                          (["--setup", f"@{tmp_path / 'none.sh'}"], "cannot read it"),
+                          (["--mem", "200 G"], "--mem '200 G'")):
+        assert main(["slurm", "--random-weights", "--prompt", "x", *argv]) == 2
+        assert message in capsys.readouterr().err
