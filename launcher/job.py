@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from models.sampling import TextConditioning, classifier_free, euler_loop, guided_velocity, model_velocity
 from models.scheduler import FlowMatchEuler
-from parallel.mesh import SP_AXES, MeshAxis, ParallelMesh, build_parallel_mesh, init_distributed, teardown
+from parallel.mesh import REPLICA_AXES, SP_AXES, MeshAxis, ParallelMesh, build_parallel_mesh, init_distributed, teardown
 from parallel.placement import NodeShare, node_share_name
 from parallel.parallelize import SequenceShard, cfg_parallel_velocity, parallelize
 from parallel.backends import AttentionChoice, text_problem
@@ -131,36 +131,108 @@ def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
     plan, oom = job.memory.plan, None
     where = "per GPU" if job.device.type == "cuda" else "per GPU were it on one; this run is on the CPU"
     log.info("memory: %s (%s; estimate %.1f GiB %s)", plan.label, job.memory.reason, plan.peak / 2**30, where)
+    writer = VideoWriter(job, mesh, timer)
     try:
-        result = _denoise_all(job, plan, loaded, conds, mesh, timer)
+        _denoise_all(job, plan, loaded, conds, mesh, timer, writer.on_prompt(plan, None))
     except torch.OutOfMemoryError as err:
         if job.memory.fallback is None:
             raise
         oom = str(err).split("\n")[0]
     if oom is not None:  # outside the except block, so the failed attempt's tensors are freed
         plan = job.memory.fallback
+        writer.release()
         _agree_after_oom(job, mesh)
         log.warning("CUDA out of memory (%s); falling back once to: %s (estimate %.1f GiB per GPU)",
                     oom, plan.label, plan.peak / 2**30)
         loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, job.dtype, plan.placement.fp8)  # consumed
-        result = _denoise_all(job, plan, loaded, conds, mesh, timer)
-    latents, step_s, peaks, host, attention = result
-    written = []
-    if _is_writer(mesh):
-        memory = {**job.memory.plan.to_dict(), "reason": job.memory.reason, "used": plan.to_dict(),
-                  "fallback_after_oom": oom, "host_store": host,
-                  "budget_gib": None if job.memory.budget is None else job.memory.budget / 2**30,
-                  "allocator_conf": next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), None)}
-        written = _decode_and_write(job, latents, step_s, timer, peaks, plan, memory, attention)
+        _denoise_all(job, plan, loaded, conds, mesh, timer, writer.on_prompt(plan, oom), writer.done)
+    written = writer.finish()  # the videos held back until the DiT was freed, if any
     if mesh is not None:
         mesh.barrier()  # other ranks wait (with the timeout) for the writers
     return written
 
 
-def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh | None, timer: PhaseTimer):
-    """Place the DiT as ``plan`` says and denoise this replica's prompts. Returns the latents and
-    step times per prompt, every rank's peak memory, the kind of host store (or None) and the
-    attention backend that ran. The placement is torn down however this ends."""
+class VideoWriter:
+    """Decodes and writes each prompt's video on the first rank of its replica. When the VAE
+    fits beside the placed DiT (``MemoryPlan.decodes_beside_dit``) a video is written as soon as
+    its prompt is done, so a stopped batch keeps what it finished; otherwise the latents wait
+    (on the host) until the DiT is freed. ``done`` holds the prompts finished, which an OOM
+    fallback does not run again."""
+
+    def __init__(self, job: Job, mesh: ParallelMesh | None, timer: PhaseTimer):
+        self.job, self.mesh, self.timer = job, mesh, timer
+        self.is_writer = _is_writer(mesh)
+        self.done: set[int] = set()
+        self.held: list[tuple] = []
+        self.written: list[Path] = []
+        self.vae = None
+
+    def on_prompt(self, plan: MemoryPlan, oom: str | None):
+        """The callback ``_denoise_all`` calls after each prompt, on every rank of the replica."""
+        inline = plan.decodes_beside_dit(self.job.memory.limit)
+
+        def finished(i: int, latents: torch.Tensor, step_s: list[float], host: str | None, attention) -> None:
+            self.done.add(i)
+            # Every rank of the replica ran this prompt: gather its ranks' peaks, in step.
+            mine = {"host": hostname(), **peak_memory(self.job.device)}
+            peaks = self.mesh.gather_objects(mine, REPLICA_AXES) if self.mesh is not None else [mine]
+            if not self.is_writer:
+                return
+            item = (i, latents, step_s, peaks, plan, _memory_record(self.job, plan, oom, host), attention)
+            if inline:
+                self._write(*item)
+            else:
+                self.held.append(item)
+
+        return finished
+
+    def _write(self, i, latents, step_s, peaks, plan, memory, attention) -> None:
+        from .video import write_json_atomic
+
+        job, cfg, timer = self.job, self.job.cfg, self.timer
+        video = None
+        if not cfg.no_video:
+            if self.vae is None:
+                with timer.phase("load_vae"):
+                    self.vae = ph.load_vae(job.family, job.dit, cfg.model_dir, job.device)
+            with timer.phase("vae_decode"):
+                video = ph.decode(job.family, self.vae, latents, plan.placement.vae_tiling)
+        with timer.phase("write"):
+            ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=cfg.overwrite)
+        rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory}
+        write_json_atomic(rec, job.paths[i]["record"], overwrite=cfg.overwrite)
+        main = job.paths[i]["latents" if cfg.no_video else "video"]
+        log.info("wrote %s: %d steps in %.1f s, %.1f s since the text encoding began, peak %s", main, len(step_s),
+                 sum(step_s), timer.elapsed(), _peak_text(peaks))
+        self.written.append(main)
+
+    def release(self) -> None:
+        """Free the VAE (before an OOM fallback rebuilds the DiT, and at the end)."""
+        self.vae = None
+        if self.job.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def finish(self) -> list[Path]:
+        for item in self.held:  # the DiT is freed by now
+            self._write(*item)
+        self.held = []
+        self.release()
+        return self.written
+
+
+def _memory_record(job: Job, plan: MemoryPlan, oom: str | None, host: str | None) -> dict:
+    """The record's `memory`: the plan, the one that ran, the fallback's cause, the host store."""
+    return {**job.memory.plan.to_dict(), "reason": job.memory.reason, "used": plan.to_dict(),
+            "fallback_after_oom": oom, "host_store": host,
+            "budget_gib": None if job.memory.budget is None else job.memory.budget / 2**30,
+            "allocator_conf": next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), None)}
+
+
+def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh | None, timer: PhaseTimer,
+                 finished, skip: set[int] = frozenset()) -> None:
+    """Place the DiT as ``plan`` says and denoise this replica's prompts but ``skip``, calling
+    ``finished(i, latents [1, C, T, h, w] on the CPU, step seconds, host store kind, attention)``
+    after each. The placement is torn down however this ends."""
     cfg = job.cfg
     with timer.phase("load_dit"):
         model, placed = ph.build_dit(job.family, cfg.preset, loaded, job.device, job.dtype, plan.placement,
@@ -176,15 +248,13 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
         cos, sin = model.rope(grid)
         rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
         dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
-        latents: dict[int, torch.Tensor] = {}
-        step_s: dict[int, list[float]] = {}
         for i in range(dp_rank, len(cfg.prompts), cfg.dp):
+            if i in skip:  # finished before an OOM fallback
+                continue
             with timer.phase("denoise"):
-                tokens, step_s[i] = denoise_one(job, model, shard, rope, conds, i, mesh)
-            latents[i] = ph.tokens_to_latents(job.family, job.dit, tokens.cpu(), (cfg.height, cfg.width, cfg.frames))
-        mine = {"host": hostname(), **peak_memory(job.device)}
-        peaks = mesh.gather_objects(mine) if mesh is not None else [mine]
-        return latents, step_s, peaks, placed.host_kind, shard.attention
+                tokens, step_s = denoise_one(job, model, shard, rope, conds, i, mesh)
+            latents = ph.tokens_to_latents(job.family, job.dit, tokens.cpu(), (cfg.height, cfg.width, cfg.frames))
+            finished(i, latents, step_s, placed.host_kind, shard.attention)
     finally:
         placed.close()
         del model
@@ -274,34 +344,6 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
             return shard.gather(out), [b - a for a, b in zip(marks, marks[1:])]
 
 
-def _decode_and_write(job: Job, latents, step_s, timer: PhaseTimer, peaks, plan: MemoryPlan, memory: dict,
-                      attention: AttentionChoice) -> list[Path]:
-    from .video import write_json_atomic
-
-    cfg = job.cfg
-    written = []
-    if not latents:
-        return written
-    tiling = plan.placement.vae_tiling  # --vae-tiling, or the planner's choice under auto
-    if not cfg.no_video:
-        with timer.phase("load_vae"):
-            vae = ph.load_vae(job.family, job.dit, cfg.model_dir, job.device)
-    for i, lat in latents.items():
-        video = None
-        if not cfg.no_video:
-            with timer.phase("vae_decode"):
-                video = ph.decode(job.family, vae, lat, tiling)
-        with timer.phase("write"):
-            ph.write_outputs(job.paths[i], video, lat, fps=cfg.fps, overwrite=cfg.overwrite)
-        rec = record(job, i, timer, step_s[i], peaks, attention) | {"memory": memory}
-        write_json_atomic(rec, job.paths[i]["record"], overwrite=cfg.overwrite)
-        main = job.paths[i]["latents" if cfg.no_video else "video"]
-        log.info("wrote %s: %d steps in %.1f s, %.1f s since the text encoding began, peak %s", main, len(step_s[i]),
-                 sum(step_s[i]), timer.elapsed(), _peak_text(peaks))
-        written.append(main)
-    return written
-
-
 def _peak_text(peaks: list[dict]) -> str:
     """The largest rank's peak: GPU memory on CUDA, host memory on the CPU."""
     key, where = ("gpu_device_peak_gib", "GPU") if "gpu_device_peak_gib" in peaks[0] else ("host_rss_gib", "host")
@@ -360,7 +402,7 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "timings_s": {**timer.seconds, "denoise_this_video": sum(step_s)},
         "step_s": step_s,
         "peak_memory": peak_memory(job.device),
-        "peak_memory_per_rank": peaks,
+        "peak_memory_per_rank": peaks,  # the ranks of the replica that made this video
         "versions": versions(),
         "run": run_context([p["host"] for p in peaks]),
         "outputs": {"video": None, **{k: str(v) for k, v in paths.items()}},  # video None: --no-video

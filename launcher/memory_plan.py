@@ -107,6 +107,12 @@ class MemoryPlan:
     def label(self) -> str:
         return self.placement.label(self.blocks, self.dtype)
 
+    def decodes_beside_dit(self, limit: int | None) -> bool:
+        """Whether the VAE decode fits under ``limit`` while the DiT stays placed (its activations
+        freed): then each video is written as soon as its prompt is done. None: no limit (CPU)."""
+        beside = self.resident_weights + self.slots + self.fp8_temp + self.decode + RUNTIME_OVERHEAD
+        return limit is None or beside <= limit
+
     def to_dict(self) -> dict:
         return {"label": self.label, "streamed_blocks": self.placement.streamed, "fp8": self.placement.fp8,
                 "cfg": self.placement.cfg_degree, "vae_tiling": self.placement.vae_tiling,
@@ -291,7 +297,7 @@ class JobMemory:
     topology: object  # parallel.topology.ResolvedTopology
     budget: int | None
     reason: str
-
+    limit: int | None = None  # what it planned against: the budget, else the GPU's memory
 
 def _fixed(cfg, shape: JobShape) -> Placement:
     """The profile's placement with the explicit flags applied over it."""
@@ -325,7 +331,7 @@ def plan_job(cfg, shape_for: Callable[[int], tuple[JobShape, object]], cfg_optio
             raise ConfigError(f"--max-gpu-memory {budget / GIB:.1f}GiB: the requested placement ({plan.label}) "
                               f"needs {plan.peak / GIB:.1f} GiB per GPU; leave the knobs to the planner")
         return JobMemory(plan, None, topo, budget, "explicit flags" if cfg.memory_profile is None
-                         else f"profile {cfg.memory_profile}")
+                         else f"profile {cfg.memory_profile}", budget if budget is not None else device_memory)
     limit = budget if budget is not None else device_memory
     if limit is None:  # no budget and no GPU memory to plan for (the CPU, or `plan` without a budget)
         shape, topo = shape_for(cfg_options[0])
@@ -344,5 +350,5 @@ def plan_job(cfg, shape_for: Callable[[int], tuple[JobShape, object]], cfg_optio
         plan, fallback = (replace(m, placement=replace(m.placement, prefetch=cfg.prefetch)) if m else None
                           for m in (plan, fallback))
         why = f"budget {limit / GIB:.1f} GiB" if budget is not None else f"GPU memory {limit / GIB:.1f} GiB"
-        return JobMemory(plan, fallback, topo, budget, why)
+        return JobMemory(plan, fallback, topo, budget, why, limit)
     raise error

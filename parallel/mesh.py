@@ -47,6 +47,8 @@ class MeshAxis(str, Enum):
 
 MESH_AXES: tuple[MeshAxis, ...] = (MeshAxis.DP, MeshAxis.CFG, MeshAxis.RING, MeshAxis.ULYSSES)
 SP_AXES: tuple[MeshAxis, ...] = (MeshAxis.RING, MeshAxis.ULYSSES)
+# The ranks that make one video together (a dp replica): the cfg branches and their SP group.
+REPLICA_AXES: tuple[MeshAxis, ...] = (MeshAxis.CFG, MeshAxis.RING, MeshAxis.ULYSSES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,10 +167,11 @@ class ParallelMesh:
         dist.broadcast_object_list(box, src=src, group=self.world_group)
         return box[0]
 
-    def gather_objects(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, in global rank order, on every rank."""
-        out: list[Any] = [None] * self.topology.world_size
-        dist.all_gather_object(out, obj, group=self.world_group)
+    def gather_objects(self, obj: Any, axes: Sequence[MeshAxis] | None = None) -> list[Any]:
+        """Every rank's `obj` of the group of ``axes`` (None: the job), in rank order, on each of them."""
+        group = self._group(axes)
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
     def all_true(self, flag: bool, axes: Sequence[MeshAxis] | None = None) -> bool:
@@ -233,6 +236,7 @@ def build_parallel_mesh(
     rank = dist.get_rank()
     groups = {(axis,): _new_groups(topology, (axis,), rank, timeout) for axis in MESH_AXES}
     groups[SP_AXES] = _new_groups(topology, SP_AXES, rank, timeout)
+    groups[REPLICA_AXES] = _new_groups(topology, REPLICA_AXES, rank, timeout)
     mesh = DeviceMesh.from_group(
         [groups[(a,)] for a in MESH_AXES],
         device.type,

@@ -2,6 +2,7 @@
 job prints one clear message (rank 0's); a killed rank ends the job; NaN latents stop the run
 naming the step. CPU, fp32, gloo (`--device cpu`), except the `gpu` test of ranks and GPUs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -157,3 +158,28 @@ def test_ctrl_c_ends_quietly(tmp_path):
     assert proc.returncode == 130, text
     assert "interrupted" in text and "Traceback" not in text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_killed_batch_keeps_the_videos_it_finished(tmp_path):
+    """A prompts file stopped hard (SIGKILL, as a Slurm time limit does) after its first video:
+    that video and its record are whole on disk; nothing half-written is left."""
+    from launcher.video import probe_video
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue bird\na green frog\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompts-file", str(prompts),
+           "--device", "cpu", "--steps", "300", "--seed", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:
+            if "wrote " in line:
+                break
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["a-red-fox_seed1.json", "a-red-fox_seed1.mp4"], files
+    assert probe_video(out / "a-red-fox_seed1.mp4")["frames"] == 9
+    assert json.loads((out / "a-red-fox_seed1.json").read_text())["prompt"] == "a red fox"
