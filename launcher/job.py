@@ -25,20 +25,19 @@ from tqdm import tqdm
 
 from models.sampling import TextConditioning, classifier_free, euler_loop, guided_velocity, model_velocity
 from models.scheduler import FlowMatchEuler
-from parallel.mesh import REPLICA_AXES, SP_AXES, MeshAxis, ParallelMesh, build_parallel_mesh, init_distributed, teardown
+from parallel.mesh import SP_AXES, MeshAxis, ParallelMesh, build_parallel_mesh, init_distributed, teardown
 from parallel.placement import NodeShare, node_share_name
 from parallel.parallelize import SequenceShard, cfg_parallel_velocity, parallelize
-from parallel.backends import AttentionChoice, text_problem
+from parallel.backends import text_problem
 
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
 from .memory_plan import NCCL_ALLOWANCE, MemoryPlan
-from .record import PhaseTimer, command_line, device_used_bytes, hostname, now_iso, peak_memory, run_context, versions
+from .record import PhaseTimer, device_used_bytes
+from .outputs import ALLOC_CONF_VARS, VideoWriter
 from .resolve import ResolvedJob, host_memory_bytes, output_paths, resolve_job
 
 log = logging.getLogger("launcher")
-# The two names torch reads its allocator settings from.
-ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,82 +151,6 @@ def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
     return written
 
 
-class VideoWriter:
-    """Decodes and writes each prompt's video on the first rank of its replica. When the VAE
-    fits beside the placed DiT (``MemoryPlan.decodes_beside_dit``) a video is written as soon as
-    its prompt is done, so a stopped batch keeps what it finished; otherwise the latents wait
-    (on the host) until the DiT is freed. ``done`` holds the prompts finished, which an OOM
-    fallback does not run again."""
-
-    def __init__(self, job: Job, mesh: ParallelMesh | None, timer: PhaseTimer):
-        self.job, self.mesh, self.timer = job, mesh, timer
-        self.is_writer = _is_writer(mesh)
-        self.done: set[int] = set()
-        self.held: list[tuple] = []
-        self.written: list[Path] = []
-        self.vae = None
-
-    def on_prompt(self, plan: MemoryPlan, oom: str | None):
-        """The callback ``_denoise_all`` calls after each prompt, on every rank of the replica."""
-        inline = plan.decodes_beside_dit(self.job.memory.limit)
-
-        def finished(i: int, latents: torch.Tensor, step_s: list[float], host: str | None, attention) -> None:
-            self.done.add(i)
-            # Every rank of the replica ran this prompt: gather its ranks' peaks, in step.
-            mine = {"host": hostname(), **peak_memory(self.job.device)}
-            peaks = self.mesh.gather_objects(mine, REPLICA_AXES) if self.mesh is not None else [mine]
-            if not self.is_writer:
-                return
-            item = (i, latents, step_s, peaks, plan, _memory_record(self.job, plan, oom, host), attention)
-            if inline:
-                self._write(*item)
-            else:
-                self.held.append(item)
-
-        return finished
-
-    def _write(self, i, latents, step_s, peaks, plan, memory, attention) -> None:
-        from .video import write_json_atomic
-
-        job, cfg, timer = self.job, self.job.cfg, self.timer
-        video = None
-        if not cfg.no_video:
-            if self.vae is None:
-                with timer.phase("load_vae"):
-                    self.vae = ph.load_vae(job.family, job.dit, cfg.model_dir, job.device)
-            with timer.phase("vae_decode"):
-                video = ph.decode(job.family, self.vae, latents, plan.placement.vae_tiling)
-        with timer.phase("write"):
-            ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=cfg.overwrite)
-        rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory}
-        write_json_atomic(rec, job.paths[i]["record"], overwrite=cfg.overwrite)
-        main = job.paths[i]["latents" if cfg.no_video else "video"]
-        log.info("wrote %s: %d steps in %.1f s, %.1f s since the text encoding began, peak %s", main, len(step_s),
-                 sum(step_s), timer.elapsed(), _peak_text(peaks))
-        self.written.append(main)
-
-    def release(self) -> None:
-        """Free the VAE (before an OOM fallback rebuilds the DiT, and at the end)."""
-        self.vae = None
-        if self.job.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def finish(self) -> list[Path]:
-        for item in self.held:  # the DiT is freed by now
-            self._write(*item)
-        self.held = []
-        self.release()
-        return self.written
-
-
-def _memory_record(job: Job, plan: MemoryPlan, oom: str | None, host: str | None) -> dict:
-    """The record's `memory`: the plan, the one that ran, the fallback's cause, the host store."""
-    return {**job.memory.plan.to_dict(), "reason": job.memory.reason, "used": plan.to_dict(),
-            "fallback_after_oom": oom, "host_store": host,
-            "budget_gib": None if job.memory.budget is None else job.memory.budget / 2**30,
-            "allocator_conf": next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), None)}
-
-
 def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh | None, timer: PhaseTimer,
                  finished, skip: set[int] = frozenset()) -> None:
     """Place the DiT as ``plan`` says and denoise this replica's prompts but ``skip``, calling
@@ -305,11 +228,6 @@ def _agree_after_oom(job: Job, mesh: ParallelMesh | None) -> None:
         mesh.all_true(True)
 
 
-def _is_writer(mesh: ParallelMesh | None) -> bool:
-    """The first rank of each dp replica decodes and writes that replica's videos."""
-    return mesh is None or (mesh.sp_rank == 0 and mesh.local_rank(MeshAxis.CFG) == 0)
-
-
 def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextConditioning], i: int, mesh):
     """Prompt `i` from its seeded noise to the whole sequence of denoised tokens `[1, S, F]`,
     and the seconds of each step (the NaN check syncs the device, so they are real times)."""
@@ -342,72 +260,3 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
         with torch.inference_mode():
             out = euler_loop(tokens, velocity, FlowMatchEuler(steps=cfg.steps, shift=cfg.flow_shift), on_step)
             return shard.gather(out), [b - a for a, b in zip(marks, marks[1:])]
-
-
-def _peak_text(peaks: list[dict]) -> str:
-    """The largest rank's peak: GPU memory on CUDA, host memory on the CPU."""
-    key, where = ("gpu_device_peak_gib", "GPU") if "gpu_device_peak_gib" in peaks[0] else ("host_rss_gib", "host")
-    return f"{max(p[key] for p in peaks):.2f} GiB {where} memory per rank"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def conventions(job: Job) -> dict:
-    """The numeric conventions that decide the output, as this run applied them (the release's
-    unless a flag chose otherwise)."""
-    from models.sampling import embedded_guidance_tensor
-
-    guidance = None
-    if job.guidance is not None:
-        guidance = float(embedded_guidance_tensor(job.guidance, 1, job.dtype)[0])
-    noise = ({"source": "release", "generator": job.device.type, "dtype": _dtype_name(job.text_dtype)}
-             if job.cfg.noise == "release" else {"source": "cpu", "generator": "cpu", "dtype": "float32"})
-    return {
-        "embedded_guidance_value": guidance,  # scale x 1000 as rounded in the DiT's dtype
-        "prompt": "stripped of surrounding whitespace",
-        "noise": noise,
-        "text_encoder_dtype": _dtype_name(job.text_dtype),
-        "vae_dtype": _dtype_name(ph.vae_dtype_for(job.family, job.device)),
-        "frames_to_uint8": "clamp to [0, 1] in the VAE's dtype, x 255 in fp32, truncate",
-    }
-
-
-def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list[dict],
-           attention: AttentionChoice | None) -> dict:
-    """The JSON record beside video `i`."""
-    cfg, topo, paths = job.cfg, job.topology.topology, job.paths[i]
-    return {
-        "prompt": cfg.prompts[i],
-        "negative_prompt": cfg.negative_prompt if cfg.uses_cfg else None,
-        "seed": cfg.seed + i,
-        "model": {"family": job.family.name, "preset": cfg.preset,
-                  "model_dir": None if cfg.model_dir is None else str(cfg.model_dir),
-                  "random_weights": cfg.model_dir is None},
-        "size": [cfg.height, cfg.width],
-        "frames": cfg.frames,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        "cfg_scale": cfg.cfg_scale,
-        "flow_shift": cfg.flow_shift,
-        "fps": cfg.fps,
-        "dtype": str(job.dtype).removeprefix("torch."),
-        "device": str(job.device),
-        "conventions": conventions(job),
-        "topology": {"world_size": job.world, "dp": topo.dp, "cfg": topo.cfg, "ring": topo.ring,
-                     "ulysses": topo.ulysses, "source": job.topology.source},
-        "topology_table": job.table_path,
-        "attention": attention.as_dict() if attention is not None else None,
-        "timings_s": {**timer.seconds, "denoise_this_video": sum(step_s)},
-        "step_s": step_s,
-        "peak_memory": peak_memory(job.device),
-        "peak_memory_per_rank": peaks,  # the ranks of the replica that made this video
-        "versions": versions(),
-        "run": run_context([p["host"] for p in peaks]),
-        "outputs": {"video": None, **{k: str(v) for k, v in paths.items()}},  # video None: --no-video
-        "command": command_line(),
-        "started": timer.started,
-        "wall_s": timer.elapsed(),
-        "finished": now_iso(),
-    }
