@@ -42,17 +42,22 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def host_pss_bytes() -> int | None:
-    """This process's proportional set size: shared pages (a node-shared weight store) count
-    1/N in each of the N processes mapping them, so the ranks' PSS add up to the node's use."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a /proc file, in bytes, or None where there is none."""
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def host_pss_bytes() -> int | None:
+    """This process's proportional set size: shared pages (a node-shared weight store) count
+    1/N in each of the N processes mapping them, so the ranks' PSS add up to the node's use."""
+    return proc_bytes("/proc/self/smaps_rollup", "Pss")
 
 
 def device_used_bytes(device: torch.device) -> int:

@@ -165,14 +165,9 @@ def _plan_memory(cfg: RunConfig, dit, table: TopologyTable, world: int, dtype: t
 
 def host_memory_bytes() -> int | None:
     """The machine's memory (MemTotal), or None where /proc/meminfo is not there."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from .record import proc_bytes
+
+    return proc_bytes("/proc/meminfo", "MemTotal")
 
 
 def check_host_memory(cfg: RunConfig, memory: JobMemory, available: int) -> None:
