@@ -62,10 +62,9 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.M
     """Every check that can reject the job (the resolver's, then the DiT checkpoint's keys and
     shapes); no collective. Returns the job and the DiT with its checkpoint assigned on the meta
     device (or None)."""
-    device = ph.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")),
-                               int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = ph.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), local_world)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     host = host_memory_bytes()
     resolved = resolve_job(cfg, world=world, device=device, device_memory=total,
                            host_memory_per_rank=None if host is None else host // local_world)

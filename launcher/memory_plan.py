@@ -140,14 +140,14 @@ class DitSizes:
 @functools.cache
 def dit_sizes(preset: str, dtype: str) -> DitSizes:
     model = models.build_model(preset, device="meta", dtype=DTYPES[dtype])
-    named = models.get_family(preset).blocks(model)
-    blocks = [block for _, block in named]
+    family = models.get_family(preset)
+    blocks = [block for _, block in family.blocks(model)]
     plain = tuple(weight_bytes(blk) for blk in blocks)
     linears = [m.weight for blk in blocks for m in blk.modules() if isinstance(m, nn.Linear)]
     largest = max(w.numel() * w.element_size() for w in linears)
     other = weight_bytes(model) - sum(plain)
     # On the meta device: swaps the block linears for Float8Linear, no values.
-    quantize_model(model, include=tuple(f"{name}." for name, _ in named))
+    quantize_model(model, include=family.block_prefixes(model))
     return DitSizes(other=other, blocks=plain, blocks_fp8=tuple(weight_bytes(blk) for blk in blocks),
                     largest_linear=largest)
 

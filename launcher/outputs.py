@@ -154,7 +154,7 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "cfg_scale": cfg.cfg_scale,
         "flow_shift": cfg.flow_shift,
         "fps": cfg.fps,
-        "dtype": str(job.dtype).removeprefix("torch."),
+        "dtype": _dtype_name(job.dtype),
         "device": str(job.device),
         "conventions": conventions(job),
         "topology": {"world_size": job.world, "dp": topo.dp, "cfg": topo.cfg, "ring": topo.ring,

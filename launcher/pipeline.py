@@ -86,8 +86,7 @@ def load_dit_weights(preset: str, model_dir: Path | None, dtype, fp8: str = "off
     if fp8 != "off":
         from models.fp8 import quantize_model
 
-        blocks = models.get_family(preset).blocks(model)
-        quantize_model(model, mode=fp8, include=tuple(f"{name}." for name, _ in blocks))
+        quantize_model(model, mode=fp8, include=models.get_family(preset).block_prefixes(model))
     return models.load_weights(model, model_dir)
 
 

@@ -206,7 +206,7 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     extra = get("extra_args")
     return SweepSpec(
         preset=preset, sizes=sizes, gpus=gpus, topologies=_parse_topologies(get("topologies"), heads),
-        backends=backends, steps=steps, warmup=warmup, timeout=timeout, device=_resolve_device(get("device")),
+        backends=backends, steps=steps, warmup=warmup, timeout=timeout, device=device,
         concurrent=bool(get("concurrent")), slots=None if get("slots") is None else int(get("slots")),
         no_video=bool(get("no_video")), extra_args=tuple(extra if isinstance(extra, list) else shlex.split(extra)),
         prompt=str(get("prompt")), seed=int(get("seed")), machine=get("machine"),

@@ -132,6 +132,10 @@ class ModelFamily:
     def config(self, preset: str):
         return self.presets[preset]
 
+    def block_prefixes(self, model: nn.Module) -> tuple[str, ...]:
+        """State-dict prefixes of the blocks ("double_blocks.0.", ...): what FP8 quantises."""
+        return tuple(f"{name}." for name, _ in self.blocks(model))
+
     def topology_path(self) -> str | None:
         """The topology YAML this family's jobs resolve with (None: no table, the rule alone)."""
         if self.topology_table != "":
