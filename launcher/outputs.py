@@ -146,7 +146,7 @@ def record(job: Job, i: int, timer: PhaseTimer, step_s: list[float], peaks: list
         "seed": cfg.seed + i,
         "model": {"family": job.family.name, "preset": cfg.preset,
                   "model_dir": None if cfg.model_dir is None else str(cfg.model_dir),
-                  "random_weights": cfg.model_dir is None},
+                  "random_weights": cfg.model_dir is None, "files": job.weight_files},
         "size": [cfg.height, cfg.width],
         "frames": cfg.frames,
         "steps": cfg.steps,

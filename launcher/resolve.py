@@ -68,6 +68,14 @@ class ResolvedJob:
     def table_path(self) -> str:
         return self.table.path
 
+    @property
+    def weight_files(self) -> list[dict] | None:
+        """The files read from --model-dir (path and bytes), for the record; None without one."""
+        if self.cfg.model_dir is None:
+            return None
+        fp8 = self.memory.plan.placement.fp8 != "off"
+        return [{"path": str(f), "bytes": f.stat().st_size} for f in self.family.weight_files(self.cfg.model_dir, fp8)]
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]

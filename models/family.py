@@ -100,7 +100,9 @@ class ModelFamily:
     ``name`` names the topology table (``configs/topology/<name>.yaml``; ``topology_table``
     overrides the path, None = the rule alone). ``build(config, device, dtype, seed)`` -> the DiT
     (meta device: shapes only); ``load(model, path)`` -> the checkpoint assigned strictly (a bad
-    one raises before any collective); ``blocks(model)`` -> ``[(state-dict prefix, block)]`` in
+    one raises before any collective); ``weight_files(model_dir, fp8)`` -> the files its loaders read
+from a weight folder (with FP8 asked for: the fp8 DiT file where there is one), for the record;
+``blocks(model)`` -> ``[(state-dict prefix, block)]`` in
     execution order, the unit of layer streaming and FP8; ``check_model_dir(path)`` raises when a
     weight folder is missing (cheap, run on every rank)."""
 
@@ -115,6 +117,7 @@ class ModelFamily:
     text: TextSpec
     vae: VaeSpec
     check_model_dir: Callable[[Path], None] = lambda path: None
+    weight_files: Callable[[Path, bool], list[Path]] = lambda path, fp8: []  # what the loaders read (the record)
     released: frozenset[str] = frozenset()  # presets of a published checkpoint: weights expected
     guidance: str = "embedded"  # "embedded": a distilled scale fed to the DiT; "cfg": classic CFG only
     default_negative_prompt: str | None = None

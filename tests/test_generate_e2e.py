@@ -65,6 +65,11 @@ def test_generate_from_a_release_layout_model_dir(tmp_path):
     assert probe_video(video)["frames"] == 9
     record = json.loads(video.with_suffix(".json").read_text())
     assert record["model"]["model_dir"] == str(ckpts)
+    read = {Path(f["path"]).relative_to(ckpts).as_posix() for f in record["model"]["files"]}
+    assert any(p.startswith("hunyuan-video-t2v-720p/transformers/") for p in read), read
+    assert any(p.startswith("hunyuan-video-t2v-720p/vae/") for p in read), read
+    assert any(p.startswith("text_encoder/") for p in read) and any(p.startswith("text_encoder_2/") for p in read), read
+    assert all(f["bytes"] > 0 for f in record["model"]["files"])
     # Loaded weights, not the seeded random ones: the latents differ from a run without --model-dir.
     random_run = _generate(tmp_path / "random", "--save-latents")
     assert random_run.returncode == 0, random_run.stderr

@@ -68,6 +68,21 @@ def check_model_dir(model_dir: Path) -> None:
         raise ModelInputError(str(err)) from None
 
 
+def weight_files(model_dir: Path, fp8: bool) -> list[Path]:
+    """The DiT checkpoint file(s), the VAE's weights and config, and each text encoder folder's
+    weight and config files, as the loaders resolve them."""
+    from ..weights import resolve_checkpoint
+    from .text_encoder import find_encoder_folders
+    from .vae import find_vae_files
+
+    files = list(resolve_checkpoint(model_dir, prefer_fp8=fp8))
+    files += [f for f in find_vae_files(model_dir) if f is not None]
+    enc = find_encoder_folders(model_dir)
+    for folder in (enc.llm, enc.clip):
+        files += sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"))
+    return files
+
+
 # --- text -------------------------------------------------------------------------------------
 
 
@@ -151,6 +166,7 @@ FAMILY = ModelFamily(
                 tile_shape=tile_shape, weight_bytes=lambda cfg: _vae_params(cfg.vae_preset) * 2,
                 calibrated=lambda cfg: cfg.vae_preset == "hunyuan-video", note=vae_note),
     check_model_dir=check_model_dir,
+    weight_files=weight_files,
     guidance="embedded",
     default_negative_prompt=NEGATIVE_PROMPT,
     released=frozenset({"hunyuan-video-13b"}),
