@@ -103,9 +103,16 @@ def metrics(record: dict, warmup: int) -> dict:
         "seconds": statistics.median(steps[warmup:]), "step_seconds": steps, "phases": record["timings_s"],
         "peak_gib": max(p[key] for p in peaks), "peak_gib_per_rank": [p[key] for p in peaks],
         "peak_kind": key.removesuffix("_gib"), "kernel": attention.get("kernel"),
-        "device": record.get("versions", {}).get("gpu") or record["device"].split(":")[0],
+        "device": _device_name(record),
         "_ulysses": record["topology"]["ulysses"], "_ring": record["topology"]["ring"],
     }
+
+
+def _device_name(record: dict) -> str:
+    """The GPU's name for a CUDA run, else the device type ("cpu": a node with GPUs may run a
+    sweep on its CPU, and the GPU it has is then not what was measured)."""
+    kind = record["device"].split(":")[0]
+    return (record.get("versions", {}).get("gpu") or kind) if kind == "cuda" else kind
 
 
 def with_efficiency(rows: list[dict]) -> list[dict]:

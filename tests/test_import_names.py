@@ -27,7 +27,7 @@ def _decoy_project(tmp_path: Path) -> Path:
 
 def _env() -> dict:
     # PYTHONPATH entries come after the current folder, so the decoy still shadows by path order.
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def test_plan_from_a_folder_with_its_own_models_package(tmp_path):

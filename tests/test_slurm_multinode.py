@@ -44,7 +44,8 @@ def clean_env(**extra) -> dict[str, str]:
     """This environment without any launcher's rank variables, plus ``extra``."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **extra}
 
 
 def run_together(commands: list[tuple[list[str], dict]], timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
