@@ -47,7 +47,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="VAE decode tiling: the release's tiles (auto), 17x16x16-latent tiles (small), or none")
     p.add_argument("--negative-prompt", help="classic CFG: the negative prompt (with --cfg-scale != 1; default: "
                    "the model family's, as its release does)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classic CFG scale (1 = off, the release's default)")
+    p.add_argument("--cfg-scale", type=float, help="classic CFG scale (1 = off; default: the preset's release setting, "
+                   "1 for HunyuanVideo, 5 for Wan2.1)")
     par = p.add_argument_group("parallelism (torchrun)")
     par.add_argument("--ulysses", type=int, help="Ulysses degree (default: the topology table's choice)")
     par.add_argument("--ring", type=int, help="ring degree (default: the topology table's choice)")
@@ -118,7 +119,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         fps=args.fps if args.fps is not None else defaults.fps,
         vae_tiling=args.vae_tiling,
         negative_prompt=_negative_prompt(args, family),
-        cfg_scale=args.cfg_scale,
+        cfg_scale=_cfg_scale(args, defaults),
         ulysses=args.ulysses,
         ring=args.ring,
         cfg_degree=args.cfg_degree,
@@ -141,7 +142,11 @@ def _negative_prompt(args: argparse.Namespace, family) -> str | None:
     CFG is on (--cfg-scale != 1), else None."""
     if args.negative_prompt is not None:
         return args.negative_prompt.strip()
-    return family.default_negative_prompt if args.cfg_scale != 1.0 else None
+    return family.default_negative_prompt if _cfg_scale(args, family.defaults[args.preset]) != 1.0 else None
+
+
+def _cfg_scale(args, defaults) -> float:
+    return args.cfg_scale if args.cfg_scale is not None else defaults.cfg_scale
 
 
 class Parser(argparse.ArgumentParser):

@@ -24,7 +24,6 @@ import torch
 from tqdm import tqdm
 
 from models.sampling import TextConditioning, classifier_free, euler_loop, guided_velocity, model_velocity
-from models.scheduler import FlowMatchEuler
 from parallel.mesh import SP_AXES, MeshAxis, ParallelMesh, build_parallel_mesh, init_distributed, teardown
 from parallel.placement import NodeShare, node_share_name
 from parallel.parallelize import SequenceShard, cfg_parallel_velocity, parallelize
@@ -257,5 +256,5 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
             bar.update(1)
 
         with torch.inference_mode():
-            out = euler_loop(tokens, velocity, FlowMatchEuler(steps=cfg.steps, shift=cfg.flow_shift), on_step)
+            out = euler_loop(tokens, velocity, job.family.scheduler(steps=cfg.steps, shift=cfg.flow_shift), on_step)
             return shard.gather(out), [b - a for a, b in zip(marks, marks[1:])]

@@ -222,7 +222,7 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
     # Output names carry the seed: without one they are checked once rank 0 has drawn it.
     paths = [output_paths(cfg, i) for i in range(len(cfg.prompts))] if check_files and cfg.seed is not None else None
     try:
-        table = table_for(family.topology_path(), dit.num_heads, cfg.topology_file, model=f"preset {cfg.preset}")
+        table = table_for(family.topology_path(cfg.preset), dit.num_heads, cfg.topology_file, model=f"preset {cfg.preset}")
     except TopologyError as err:
         raise JobTopologyError(str(err)) from None
     text_weights = cfg.model_dir is not None if text_weights is None else text_weights

@@ -36,11 +36,16 @@ def text_valid_mask(txt_lens: torch.Tensor, txt_len: int) -> torch.Tensor:
     return torch.arange(txt_len, device=txt_lens.device)[None, :] < txt_lens[:, None]
 
 
-def sdpa_joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens):
+def sdpa_joint_attention(img_q, img_k, img_v, txt_q=None, txt_k=None, txt_v=None, txt_lens=None):
     """Plain SDPA over the concatenation [image tokens, text tokens] ("rear" text).
 
-    Inputs `[B, S, H, D]` (image) and `[B, L, H, D]` (text); outputs the same shapes.
+    Inputs `[B, S, H, D]` (image) and `[B, L, H, D]` (text); outputs the same shapes. Without text
+    (`txt_q` None: a family whose self-attention sees only the video, as Wan's) it is SDPA over the
+    image tokens and returns `(img_out, None)`.
     """
+    if txt_q is None:
+        out = F.scaled_dot_product_attention(img_q.transpose(1, 2), img_k.transpose(1, 2), img_v.transpose(1, 2))
+        return out.transpose(1, 2), None
     s = img_q.shape[1]
     q = torch.cat([img_q, txt_q], dim=1).transpose(1, 2)  # [B, H, S+L, D]
     k = torch.cat([img_k, txt_k], dim=1).transpose(1, 2)

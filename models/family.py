@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .scheduler import FlowMatchEuler
+
 # Out-of-tree families: modules named here (comma-separated) are imported before the first lookup,
 # and each calls `register_family` (how the tests add a toy family without touching the launcher).
 FAMILIES_ENV = "VIDEODIT_FAMILIES"
@@ -48,7 +50,8 @@ class PresetDefaults:
     frames: int
     steps: int
     flow_shift: float = 7.0
-    guidance: float = 6.0
+    guidance: float = 6.0  # embedded (distilled) guidance, for a family that has it
+    cfg_scale: float = 1.0  # classic CFG (1 = off): Wan's release runs 5.0 with a negative prompt
     fps: int = 24
 
 
@@ -102,7 +105,9 @@ class ModelFamily:
     (meta device: shapes only); ``load(model, path)`` -> the checkpoint assigned strictly (a bad
     one raises before any collective); ``weight_files(model_dir, fp8)`` -> the files its loaders read
 from a weight folder (with FP8 asked for: the fp8 DiT file where there is one), for the record;
-``blocks(model)`` -> ``[(state-dict prefix, block)]`` in
+``scheduler(steps=, shift=)`` -> a fresh sampler for one video
+(``timesteps()`` `[steps]`, ``step(x, v, i)`` elementwise, so a rank steps its shard; multistep
+samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, block)]`` in
     execution order, the unit of layer streaming and FP8; ``check_model_dir(path)`` raises when a
     weight folder is missing (cheap, run on every rank)."""
 
@@ -118,12 +123,14 @@ from a weight folder (with FP8 asked for: the fp8 DiT file where there is one), 
     vae: VaeSpec
     check_model_dir: Callable[[Path], None] = lambda path: None
     weight_files: Callable[[Path, bool], list[Path]] = lambda path, fp8: []  # what the loaders read (the record)
+    scheduler: Callable[..., Any] = FlowMatchEuler  # (steps=, shift=) -> a fresh sampler per video
     released: frozenset[str] = frozenset()  # presets of a published checkpoint: weights expected
     guidance: str = "embedded"  # "embedded": a distilled scale fed to the DiT; "cfg": classic CFG only
     default_negative_prompt: str | None = None
     size_multiple: int = 16  # height and width
     frame_step: int = 4  # frames = frame_step * n + 1 (the VAE's temporal compression)
-    topology_table: str | None = field(default="", repr=False)  # "" = configs/topology/<name>.yaml
+    topology_table: str | None = field(default="", repr=False)
+    preset_tables: Mapping[str, str] = field(default_factory=dict, repr=False)  # preset -> table name  # "" = configs/topology/<name>.yaml
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_KINDS:
@@ -139,12 +146,15 @@ from a weight folder (with FP8 asked for: the fp8 DiT file where there is one), 
         """State-dict prefixes of the blocks ("double_blocks.0.", ...): what FP8 quantises."""
         return tuple(f"{name}." for name, _ in self.blocks(model))
 
-    def topology_path(self) -> str | None:
-        """The topology YAML this family's jobs resolve with (None: no table, the rule alone)."""
-        if self.topology_table != "":
+    def topology_path(self, preset: str | None = None) -> str | None:
+        """The topology YAML this family's jobs resolve with (None: no table, the rule alone):
+        ``preset_tables[preset]`` where presets differ in heads (a table is for one head count),
+        else ``topology_table``, else ``configs/topology/<name>.yaml``."""
+        name = self.preset_tables.get(preset, self.name) if preset is not None else self.name
+        if self.topology_table != "" and name == self.name:
             return self.topology_table
         root = Path(__file__).resolve().parents[1]
-        return str(root / "configs" / "topology" / f"{self.name}.yaml")
+        return str(root / "configs" / "topology" / f"{name}.yaml")
 
 
 _REGISTRY: dict[str, ModelFamily] = {}
