@@ -299,8 +299,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, help="4n+1 frames (default: the preset's)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs (world size) the job would run on")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="DiT weights and activations")
-    p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
-                   help="2: classic CFG (negative prompt) with the two passes on separate ranks")
+    p.add_argument("--cfg", type=int, choices=(1, 2),
+                   help="2: classic CFG (negative prompt) with the two passes on separate ranks (default: 2 for "
+                   "a preset that runs classic CFG, as Wan2.1, when the GPUs split evenly; else 1)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     p.add_argument("--ulysses", type=int, help="Ulysses degree (default: the topology table's choice)")
     p.add_argument("--ring", type=int, help="ring degree (default: the topology table's choice)")
@@ -322,9 +323,15 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     return make_plan(
         preset=args.preset, height=height, width=width,
         frames=args.frames if args.frames is not None else defaults.frames, gpus=args.gpus,
-        dtype=args.dtype, cfg=args.cfg, dp=args.dp, ulysses=args.ulysses, ring=args.ring,
+        dtype=args.dtype, cfg=args.cfg if args.cfg is not None else _default_cfg(defaults, args.gpus, args.dp), dp=args.dp, ulysses=args.ulysses, ring=args.ring,
         vae_tiling=args.vae_tiling, memory_knobs=_memory_knobs(args), topology_file=args.topology_file,
     )
+
+
+def _default_cfg(defaults, gpus: int, dp: int) -> int:
+    """What `generate` takes by default: the two CFG passes in parallel when the preset runs
+    classic CFG and the ranks split evenly."""
+    return 2 if defaults.cfg_scale != 1.0 and gpus % (2 * dp) == 0 else 1
 
 
 def _memory_knobs(args: argparse.Namespace) -> MemoryKnobs | None:

@@ -27,8 +27,10 @@ from .family import (
 )
 from .weights import CheckpointError, init_random_
 from .hunyuan_video.family import FAMILY as HUNYUAN_VIDEO
+from .wan.family import FAMILY as WAN
 
 register_family(HUNYUAN_VIDEO)
+register_family(WAN)
 
 
 def build_model(

@@ -46,7 +46,7 @@ def assert_same_videos(single: Path, parallel: Path, rtol: float = 1e-5) -> None
         rel = ((la - lb).norm() / la.norm()).item()
         assert rel < rtol, f"{stem}: latents differ, relative error {rel:.2e}"
         # The decoded frames, losslessly (the PNG grid): fp32 rounding may move a pixel one level.
-        ga, gb = (torch.from_numpy(np.asarray(Image.open(d / f"{stem}.png"))).int() for d in (single, parallel))
+        ga, gb = (torch.from_numpy(np.array(Image.open(d / f"{stem}.png"))).int() for d in (single, parallel))
         assert ga.shape == gb.shape and (ga - gb).abs().max() <= 1, f"{stem}: decoded frames differ"
         # The mp4s: H.264 is lossy, and a pixel one level apart can change the encoder's choices
         # around it (seen on a 16-core machine), so these are compared on average.
