@@ -81,12 +81,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def resolve_dtypes(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(DiT dtype, text encoder dtype): auto = bf16 / fp16 on GPU (the release's --precision and
-    --text-encoder-precision), fp32 on the CPU."""
+def resolve_dtypes(cfg: RunConfig, device: torch.device, text_on_gpu: torch.dtype = torch.float16
+                   ) -> tuple[torch.dtype, torch.dtype]:
+    """(DiT dtype, text encoder dtype): auto = bf16 / the family's text dtype on GPU (the
+    releases' precisions: HunyuanVideo's encoders fp16, Wan's umT5 bf16), fp32 on the CPU."""
     cuda = device.type == "cuda"
     dit = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
-    text = DTYPES[cfg.text_dtype] if cfg.text_dtype != "auto" else (torch.float16 if cuda else torch.float32)
+    text = DTYPES[cfg.text_dtype] if cfg.text_dtype != "auto" else (text_on_gpu if cuda else torch.float32)
     return dit, text
 
 
@@ -214,7 +215,7 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
         raise ConfigError(f"--gpus {world}: must be at least 1")
     family = get_family(cfg.preset)
     dit = family.config(cfg.preset)
-    dtype, text_dtype = resolve_dtypes(cfg, device)
+    dtype, text_dtype = resolve_dtypes(cfg, device, family.text.dtype_on_gpu)
     if check_files and cfg.model_dir is not None:
         family.check_model_dir(cfg.model_dir)
     if check_files:

@@ -94,6 +94,7 @@ class TextSpec:
     max_tokens: int
     streamable: Callable[[Any], tuple[list[nn.Module], list[tuple[str, nn.Module]]] | None] = lambda enc: None
     weight_bytes: Callable[[bool], int] = lambda streamed: 0
+    dtype_on_gpu: torch.dtype = torch.float16  # what --text-encoder-precision auto means on a GPU
 
 
 @dataclass(frozen=True, kw_only=True)
