@@ -211,7 +211,8 @@ def _load_release(path: Path, dtype: torch.dtype) -> nn.Module:
         sd = release_to_hf(raw)
         config = umt5_config(sd)
     except WanTextError as err:
-        sizes = (_EMBED, "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight", "blocks.0.ffn.gate.0.weight")
+        sizes = (_EMBED, "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight",
+                 "blocks.0.ffn.gate.0.weight")
         lacking = [k for k in sizes if k not in raw]
         raise WanTextError(f"{path}: lacks {', '.join(lacking)}" if lacking else f"{path}: {err}") from None
     model = _empty_model(config)
