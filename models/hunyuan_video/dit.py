@@ -9,32 +9,14 @@ sequence-parallel shard is just a slice of the tokens and of the RoPE rows.
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from torch import nn
 
+from ..tokens import patchify, unpatchify  # noqa: F401  (re-exported: the family's token layout)
 from ..attention import JointAttention, sdpa_joint_attention
 from .blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock, TokenRefiner
 from .config import HunyuanVideoConfig
 from .layers import MLPEmbedder, PatchEmbed, TimestepEmbedder
 from .rope import rope_table
-
-
-def patchify(latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
-    """`[B, C, T, H, W]` -> `[B, T/pt * H/ph * W/pw, C*pt*ph*pw]` (t-major tokens, C outermost)."""
-    pt, ph, pw = patch_size
-    return rearrange(
-        latents, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw
-    )
-
-
-def unpatchify(
-    tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]
-) -> torch.Tensor:
-    """Inverse of `patchify`: `[B, T'*H'*W', C*pt*ph*pw]` -> `[B, C, T'*pt, H'*ph, W'*pw]`."""
-    (t, h, w), (pt, ph, pw) = grid, patch_size
-    return rearrange(
-        tokens, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw
-    )
 
 
 class HunyuanVideoDiT(nn.Module):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
+from ..tokens import build_dit
 from ..weights import init_random_
 from .config import PRESETS, HunyuanVideoConfig
 from .dit import HunyuanVideoDiT, patchify, unpatchify
@@ -32,15 +33,7 @@ DEFAULTS = {
 
 def build(cfg: HunyuanVideoConfig, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
     """The DiT in eval mode; on "meta" shapes only, else seeded random weights."""
-    with torch.device("meta"):
-        model = HunyuanVideoDiT(cfg)
-    if dtype is not None:
-        model.to(dtype)
-    device = torch.device(device)
-    if device.type != "meta":
-        model.to_empty(device=device)
-        init_random_(model, seed)
-    return model.eval().requires_grad_(False)
+    return build_dit(HunyuanVideoDiT, cfg, device=device, dtype=dtype, seed=seed)
 
 
 def load(model: nn.Module, path: Path, **kwargs) -> nn.Module:

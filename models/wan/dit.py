@@ -20,32 +20,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
+from ..tokens import patchify, unpatchify  # noqa: F401  (re-exported: the family's token layout)
 from ..attention import JointAttention, sdpa_joint_attention
 from .config import WanConfig
 from .layers import (
     Head, KeepsFp32, WanBlock, block_keeps_fp32, linear_in, rope_table, timestep_sinusoid, wide_dtype,
 )
-
-
-def patchify(latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
-    """`[B, C, T, H, W]` -> `[B, T/pt * H/ph * W/pw, C*pt*ph*pw]` (t-major tokens, C outermost)."""
-    pt, ph, pw = patch_size
-    return rearrange(
-        latents, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw
-    )
-
-
-def unpatchify(
-    tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]
-) -> torch.Tensor:
-    """Inverse of `patchify`: `[B, T'*H'*W', C*pt*ph*pw]` -> `[B, C, T'*pt, H'*ph, W'*pw]`."""
-    (t, h, w), (pt, ph, pw) = grid, patch_size
-    return rearrange(
-        tokens, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw
-    )
 
 
 class WanDiT(KeepsFp32):
