@@ -66,6 +66,12 @@ def proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def cpu_peak_bytes() -> int:
+    """The process's peak RSS so far. The kernel folds per-thread RSS counts into VmHWM lazily, so VmHWM
+    can read below the current VmRSS for a while; the peak is at least what is resident now."""
+    return max(proc_status_bytes("VmHWM"), proc_status_bytes("VmRSS"))
+
+
 def reset_peak_rss() -> bool:
     """Set VmHWM to the current RSS (Linux >= 4.0), so the peak covers the decode alone."""
     try:
@@ -111,13 +117,13 @@ def run_case(case: dict) -> dict:
     else:
         peak_reset = reset_peak_rss()
         base = proc_status_bytes("VmRSS")
-    times = []
+    times, peak = [], base
     for _ in range(case["repeat"]):
         start = time.perf_counter()
         video = vae.decode(z, tiling=tiling, clamp=False)
         sync(device)
         times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else proc_status_bytes("VmHWM")
+        peak = max(peak, torch.cuda.max_memory_allocated() if device == "cuda" else cpu_peak_bytes())
         del video
     result = {"status": "ok", "time_s": min(times), "times_s": times, "peak_bytes": peak - base}
     if device == "cuda":
