@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
             from .slurm import run_slurm
 
             return run_slurm(args)
+        if args.command == "calibrate":
+            from .predict import run_calibrate
+
+            return run_calibrate(args)
         if args.command == "sweep":
             from .sweep import run_sweep
 

@@ -192,4 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_slurm_args(sub.add_parser("slurm", help="a validated sbatch file for a multi-node generate (--submit: sbatch it)"))
     add_sweep_args(sub.add_parser("sweep", help="time generate over sizes, GPU counts, topologies and attention backends"))
+    from .predict import add_calibrate_args
+
+    add_calibrate_args(sub.add_parser("calibrate", help="fit plan --predict's step-time model to measured sweep rows"))
     return parser

@@ -27,6 +27,7 @@ from parallel.topology import ResolvedTopology, Topology, TopologyError, factori
 from .config import DTYPES, VAE_TILINGS, ConfigError, RunConfig, family_of, parse_size
 from .memory_plan import FP8_MODES, PROFILES, JobMemory, device_overhead_note, parse_memory
 from .memory_estimate import GIB, MemoryEstimate, dit_activations
+from .predict import assumptions, format_predictions, link_of, load_calibration, predict_all, prediction_dict
 from .resolve import ResolvedJob, resolve_job
 
 NOT_INCLUDED = ("CUDA context, NCCL buffers and allocator slack (the memory plan above counts them); "
@@ -104,13 +105,14 @@ def make_plan(
     vae_tiling: str = "auto",
     memory_knobs: MemoryKnobs | None = None,
     topology_file: str | os.PathLike | None = None,
+    gpus_per_node: int | None = None,
 ) -> Plan:
     """The plan of one job. Raises ConfigError (size, frames, preset, dtype, GPUs) or TopologyError
     with the same messages `generate` gives (both from ``resolve_job``)."""
     run = plan_config(preset=preset, height=height, width=width, frames=frames, dtype=dtype, cfg=cfg, dp=dp,
                       ulysses=ulysses, ring=ring, vae_tiling=vae_tiling, knobs=memory_knobs,
                       topology_file=topology_file)
-    job = resolve_job(run, world=gpus, device=torch.device("cuda"), check_files=False,
+    job = resolve_job(run, world=gpus, device=torch.device("cuda"), check_files=False, gpus_per_node=gpus_per_node,
                       text_weights=memory_knobs is not None and memory_knobs.text_llm)
     return plan_of(job)
 
@@ -297,7 +299,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--preset", dest="preset", default="hunyuan-video-13b", help="DiT preset")
     p.add_argument("--size", help="HEIGHTxWIDTH in pixels, multiples of 16 (default: the preset's)")
     p.add_argument("--frames", type=int, help="4n+1 frames (default: the preset's)")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs (world size) the job would run on")
+    p.add_argument("--gpus", type=int, help="GPUs (world size) the job would run on (default: --nodes x "
+                   "--gpus-per-node)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over (Ulysses stays inside one)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: all on one node)")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="DiT weights and activations")
     p.add_argument("--cfg", type=int, choices=(1, 2),
                    help="2: classic CFG (negative prompt) with the two passes on separate ranks (default: 2 for "
@@ -315,17 +320,44 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", dest="topology_file", help="topology YAML instead of configs/topology/ (e.g. a "
                    "sweep's topology.yaml)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    pred = p.add_argument_group("step-time prediction (--predict)")
+    pred.add_argument("--predict", action="store_true",
+                      help="predicted s/step, communication share and efficiency of every valid topology")
+    pred.add_argument("--gpu-kind", default="NVIDIA H200", help="calibrated GPU kind (configs/calibration/)")
+    pred.add_argument("--kernel", default="cudnn", help="attention kernel to price (cudnn, flash)")
+    pred.add_argument("--intra-node-gbps", type=float,
+                      help="GB/s per GPU inside a node (default: the calibration's NVLink rate; e.g. 25 for PCIe)")
+    pred.add_argument("--inter-node-gbps", type=float, default=50.0,
+                      help="GB/s per GPU across nodes (default 50 = 400 Gb/s InfiniBand/RoCE, one NIC per GPU)")
+    pred.add_argument("--inter-node-latency-us", type=float, default=10.0, help="per message across nodes")
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     defaults = family_of(args.preset).defaults[args.preset]
     height, width = parse_size(args.size) if args.size else (defaults.height, defaults.width)
+    gpus = world_of(args)
     return make_plan(
         preset=args.preset, height=height, width=width,
-        frames=args.frames if args.frames is not None else defaults.frames, gpus=args.gpus,
-        dtype=args.dtype, cfg=args.cfg if args.cfg is not None else _default_cfg(defaults, args.gpus, args.dp), dp=args.dp, ulysses=args.ulysses, ring=args.ring,
-        vae_tiling=args.vae_tiling, memory_knobs=_memory_knobs(args), topology_file=args.topology_file,
+        frames=args.frames if args.frames is not None else defaults.frames, gpus=gpus,
+        dtype=args.dtype, cfg=args.cfg if args.cfg is not None else _default_cfg(defaults, gpus, args.dp), dp=args.dp,
+        ulysses=args.ulysses, ring=args.ring, vae_tiling=args.vae_tiling, memory_knobs=_memory_knobs(args),
+        topology_file=args.topology_file, gpus_per_node=args.gpus_per_node if args.nodes > 1 else None,
     )
+
+
+def world_of(args: argparse.Namespace) -> int:
+    """--gpus, or --nodes x --gpus-per-node (which must agree with --gpus when both are given)."""
+    if args.nodes < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
+        raise ConfigError("--nodes and --gpus-per-node must be at least 1")
+    if args.nodes > 1 and args.gpus_per_node is None:
+        raise ConfigError(f"--nodes {args.nodes}: give --gpus-per-node too")
+    from_nodes = args.nodes * args.gpus_per_node if args.gpus_per_node is not None else None
+    if args.gpus is None and from_nodes is None:
+        raise ConfigError("give --gpus, or --nodes and --gpus-per-node")
+    if args.gpus is not None and from_nodes is not None and args.gpus != from_nodes:
+        raise ConfigError(f"--gpus {args.gpus} but --nodes {args.nodes} x --gpus-per-node {args.gpus_per_node} "
+                          f"= {from_nodes}")
+    return args.gpus if args.gpus is not None else from_nodes
 
 
 def _default_cfg(defaults, gpus: int, dp: int) -> int:
@@ -346,8 +378,25 @@ def run_plan(args: argparse.Namespace) -> int:
     """Print the plan (or `error: ...` on stderr); 0 on success, 2 on bad input."""
     try:
         plan = plan_from_args(args)
-    except (ConfigError, TopologyError) as err:
+        predicted = plan_predictions(plan, args) if args.predict else None
+    except (ConfigError, TopologyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(plan_to_dict(plan)) if args.json else format_plan(plan))
+    if args.json:
+        out = plan_to_dict(plan)
+        if predicted is not None:
+            out["prediction"] = prediction_dict(*predicted)
+        print(json.dumps(out))
+    else:
+        print(format_plan(plan) + ("" if predicted is None else "\n\n" + "\n".join(format_predictions(*predicted))))
     return 0
+
+
+def plan_predictions(plan: Plan, args: argparse.Namespace):
+    """(every valid topology's prediction, the chosen topology, the assumptions) for --predict."""
+    cal = load_calibration(args.gpu_kind)
+    link = link_of(args, plan.gpus)
+    # The preset's own CFG setting: Wan's classic CFG costs two forwards per step on a cfg-1 replica.
+    predicted = predict_all(plan.preset, plan.height, plan.width, plan.frames, plan.topologies, cal, link,
+                            kernel=args.kernel)
+    return predicted, plan.topology, assumptions(cal, link, args.nodes, args.kernel)

@@ -104,6 +104,7 @@ def metrics(record: dict, warmup: int) -> dict:
         "peak_gib": max(p[key] for p in peaks), "peak_gib_per_rank": [p[key] for p in peaks],
         "peak_kind": key.removesuffix("_gib"), "kernel": attention.get("kernel"),
         "device": _device_name(record),
+        "cfg": record["topology"]["cfg"], "cfg_scale": record.get("cfg_scale"),
         "_ulysses": record["topology"]["ulysses"], "_ring": record["topology"]["ring"],
     }
 

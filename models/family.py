@@ -110,7 +110,9 @@ from a weight folder (with FP8 asked for: the fp8 DiT file where there is one), 
 (``timesteps()`` `[steps]`, ``step(x, v, i)`` elementwise, so a rank steps its shard; multistep
 samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, block)]`` in
     execution order, the unit of layer streaming and FP8; ``check_model_dir(path)`` raises when a
-    weight folder is missing (cheap, run on every rank)."""
+    weight folder is missing (cheap, run on every rank); ``forward_work(config, image_tokens,
+    text_tokens)`` -> the FLOPs of one forward (``models.cost.ForwardWork``, what `plan --predict`
+    prices), None when the family does not declare them."""
 
     name: str
     presets: Mapping[str, Any]
@@ -125,6 +127,7 @@ samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, 
     check_model_dir: Callable[[Path], None] = lambda path: None
     weight_files: Callable[[Path, bool], list[Path]] = lambda path, fp8: []  # what the loaders read (the record)
     scheduler: Callable[..., Any] = FlowMatchEuler  # (steps=, shift=) -> a fresh sampler per video
+    forward_work: Callable[[Any, int, int], Any] | None = None
     released: frozenset[str] = frozenset()  # presets of a published checkpoint: weights expected
     guidance: str = "embedded"  # "embedded": a distilled scale fed to the DiT; "cfg": classic CFG only
     default_negative_prompt: str | None = None

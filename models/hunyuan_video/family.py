@@ -13,6 +13,7 @@ from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, Vae
 from ..tokens import build_dit
 from ..weights import init_random_
 from .config import PRESETS, HunyuanVideoConfig
+from .cost import forward_work
 from .dit import HunyuanVideoDiT, patchify, unpatchify
 from .vae_memory import VAE_LARGEST_MEASURED_UNTILED, decode_bytes, tile_shape
 
@@ -159,6 +160,7 @@ FAMILY = ModelFamily(
                 tile_shape=tile_shape, weight_bytes=lambda cfg: _vae_params(cfg.vae_preset) * 2,
                 calibrated=lambda cfg: cfg.vae_preset == "hunyuan-video", note=vae_note),
     check_model_dir=check_model_dir,
+    forward_work=forward_work,
     weight_files=weight_files,
     guidance="embedded",
     default_negative_prompt=NEGATIVE_PROMPT,

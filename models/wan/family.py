@@ -13,6 +13,7 @@ from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, Vae
 from ..tokens import build_dit
 from ..weights import init_random_
 from .config import PRESETS, WanConfig
+from .cost import forward_work
 from .dit import WanDiT, patchify, unpatchify
 from .scheduler import FlowUniPC
 
@@ -154,6 +155,7 @@ FAMILY = ModelFamily(
     vae=VaeSpec(load=load_vae_for, decode=decode, tilings=("tiles", "small"), decode_bytes=_decode_bytes,
                 tile_shape=_tile_shape, weight_bytes=_vae_weight_bytes, dtype_on_gpu=torch.float32),
     check_model_dir=check_model_dir,
+    forward_work=forward_work,
     weight_files=weight_files,
     scheduler=FlowUniPC,
     guidance="cfg",
