@@ -65,7 +65,9 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.M
     device = ph.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), local_world)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     host = host_memory_bytes()
-    resolved = resolve_job(cfg, world=world, device=device, device_memory=total,
+    # Several nodes (torchrun --nnodes, srun): Ulysses groups stay inside one, as `plan --nodes` shows.
+    per_node = local_world if 1 < world and local_world < world and world % local_world == 0 else None
+    resolved = resolve_job(cfg, world=world, device=device, device_memory=total, gpus_per_node=per_node,
                            host_memory_per_rank=None if host is None else host // local_world)
     loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, resolved.dtype, resolved.memory.plan.placement.fp8)
     return Job.on_rank(resolved, rank), loaded

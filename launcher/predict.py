@@ -107,11 +107,14 @@ def calibration_yaml(cal: Calibration) -> str:
         f"# Step-time calibration for {cal.gpu}: written by `python -m launcher calibrate` ({date.today().isoformat()})",
         f"# from {cal.rows} measured steps; re-run it rather than editing. Effective rates:", *rates,
     ]
+    def sig(v: float) -> float:  # 6 significant digits: the fit's last ones are solver noise
+        return float(f"{v:.6g}")
+
     body = {
         "gpu": cal.gpu, "source": list(cal.source), "rows": cal.rows, "max_rel_err": round(cal.max_rel_err, 6),
-        "matmul_s_per_flop": cal.matmul_s_per_flop, "elementwise_s": dict(cal.elementwise_s),
-        "attention_s_per_flop": dict(cal.attention_s_per_flop),
-        "a2a_s_per_byte": cal.a2a_s_per_byte, "ring_s_per_flop": cal.ring_s_per_flop,
+        "matmul_s_per_flop": sig(cal.matmul_s_per_flop), "elementwise_s": {k: sig(v) for k, v in cal.elementwise_s.items()},
+        "attention_s_per_flop": {k: sig(v) for k, v in cal.attention_s_per_flop.items()},
+        "a2a_s_per_byte": sig(cal.a2a_s_per_byte), "ring_s_per_flop": sig(cal.ring_s_per_flop),
     }
     return "\n".join(head) + "\n" + yaml.safe_dump(body, sort_keys=False)
 

@@ -9,6 +9,7 @@ Gloo on CPU, one process per node, the tiny preset; latents and decoded frames a
 a single-process run exactly as tests/test_distributed_generate.py does.
 """
 
+import json
 import os
 import random
 import signal
@@ -72,7 +73,21 @@ def assert_ok(results) -> str:
     return "".join(r.stderr for r in results)
 
 
+def planned_for_two_nodes() -> str:
+    """The topology `plan --predict` says a 2-node x 1-GPU job of this video runs (and predicts fastest)."""
+    size = ODD_9[ODD_9.index("--size") + 1]
+    frames = ODD_9[ODD_9.index("--frames") + 1]
+    out = subprocess.run([sys.executable, "-m", "launcher", "plan", "--preset", "tiny", "--size", size, "--frames",
+                          frames, "--nodes", "2", "--gpus-per-node", "1", "--predict", "--json"],
+                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    prediction = json.loads(out.stdout)["prediction"]
+    assert prediction["chosen"] == prediction["fastest"], prediction
+    return prediction["chosen"]
+
+
 def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path, slurm_single):
+    planned = planned_for_two_nodes()
     endpoint, rdzv_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex
     commands = []
     for node in range(2):
@@ -82,7 +97,7 @@ def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path, slurm_single):
         launcher = ["-m", "launcher", "generate", "--output-dir", str(tmp_path), *BASE, *VIDEO]
         commands.append(([*torchrun, *launcher], clean_env()))
     log = assert_ok(run_together(commands))
-    assert "topology 2x1" in log
+    assert planned == "1x2" and f"topology {planned}" in log  # the ring crosses the "nodes", Ulysses would not
     assert_same_videos(slurm_single, tmp_path)
 
 
