@@ -183,9 +183,10 @@ def run_all(configs: list[SweepConfig], spec: SweepSpec, on_row) -> list[dict]:
 def run_sweep(args: argparse.Namespace) -> int:
     """The `sweep` command; 0 all ran, 1 some configuration failed, 2 bad input."""
     try:
+        predict_gpus = _gpu_counts(args.predict_missing)
         if args.report_from:
             rows = report.read_rows(args.report_from)
-            return _finish(rows, args.output_dir, args.append_jsonl)
+            return _finish(rows, args.output_dir, args.append_jsonl, predict_gpus)
         spec = spec_from_args(args)
     except (SweepError, report.ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -209,12 +210,28 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"  {row['name']}: {report.row_summary(row)}", file=sys.stderr)
 
     rows = run_all(configs, spec, on_row)
-    return _finish(rows, spec.output_dir, args.append_jsonl)
+    try:
+        return _finish(rows, spec.output_dir, args.append_jsonl, predict_gpus)
+    except report.ReportError as err:  # the rows are in runs.jsonl already
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
-def _finish(rows: list[dict], out: Path, append: Path | None) -> int:
+def _gpu_counts(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise SweepError(f"--predict-missing {text!r}: a comma list of GPU counts such as 8,16")
+    return counts
+
+
+def _finish(rows: list[dict], out: Path, append: Path | None, predict_gpus: tuple[int, ...] = ()) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    rows = report.write_outputs(rows, out)
+    rows = report.write_outputs(rows, out, predict_gpus)
     if append is not None:
         report.append_rows(append, report.measured(rows))
     print(report.format_table(rows))

@@ -259,9 +259,11 @@ def _panel(ax, rows: list[dict], metric: str) -> None:
     ax.legend(fontsize=7)
 
 
-def topology_yaml(rows: list[dict]) -> str:
+def topology_yaml(rows: list[dict], predict_gpus: tuple[int, ...] = ()) -> str:
     """The fastest successful native ulysses x ring per (size, frames, GPUs > 1), as a topology
-    table `generate --topology` accepts (validated before it is returned)."""
+    table `generate --topology` accepts (validated before it is returned). ``predict_gpus``: GPU
+    counts to fill from `plan --predict`'s model where a size has no measured row for them, marked
+    ``predicted: true``."""
     import yaml
 
     from models import get_family
@@ -277,6 +279,7 @@ def topology_yaml(rows: list[dict]) -> str:
             label = f"{r['ulysses']}x{r['ring']}"
             by_label[label] = min(r["seconds"], by_label.get(label, float("inf")))
     devices = ", ".join(sorted({str(r["device"]) for r in rows if r["status"] == "ok"})) or "-"
+    predicted = _predicted_rows(rows, models[0], best, predict_gpus) if predict_gpus else {}
     lines = [
         f"# Written by `python -m launcher sweep` ({date.today().isoformat()}, {devices}). For each size, frames and",
         "# sequence-parallel GPU count: default = the fastest native ulysses x ring measured (median s/step",
@@ -285,15 +288,48 @@ def topology_yaml(rows: list[dict]) -> str:
         f"heads: {get_family(models[0]).config(models[0]).num_heads}",
         "entries:" if best else "entries: []",
     ]
-    for (h, w, f), per_gpus in sorted(best.items(), key=lambda kv: (-kv[0][0] * kv[0][1], kv[0][2])):
+    if predicted:
+        lines.insert(3, "# Rows marked predicted: true were not measured: plan --predict's model ranks them, fastest first.")
+    for key in sorted(set(best) | set(predicted), key=lambda k: (-k[0] * k[1], k[2])):
+        h, w, f = key
         lines += [f"  - size: {h}x{w}", f"    frames: {f}", "    gpus:"]
-        for g, labels in sorted(per_gpus.items(), reverse=True):
+        per_gpus = {g: (labels, False) for g, labels in best.get(key, {}).items()}
+        per_gpus |= {g: (labels, True) for g, labels in predicted.get(key, {}).items()}
+        for g, (labels, guess) in sorted(per_gpus.items(), reverse=True):
             ranked = sorted(labels, key=labels.get)
             times = ", ".join(f"{labels[x]:.4g}" for x in ranked)
-            lines.append(f"      {g}: {{default: {ranked[0]}, published: [{', '.join(ranked)}]}}  # s/step {times}")
+            mark, what = (", predicted: true", "predicted") if guess else ("", "")
+            lines.append(f"      {g}: {{default: {ranked[0]}, published: [{', '.join(ranked)}]{mark}}}  "
+                         f"# {what + ' ' if what else ''}s/step {times}")
     text = "\n".join(lines) + "\n"
     parse_topology_table(yaml.safe_load(text), "topology.yaml")  # what generate will check
     return text
+
+
+def _predicted_rows(rows: list[dict], preset: str, best: dict, gpus: tuple[int, ...]) -> dict:
+    """{(h, w, f): {GPUs: {label: predicted s/step}}} for the GPU counts nothing was measured at,
+    on the GPU kind the rows ran on (one node, its calibration)."""
+    from models import get_family
+    from parallel.topology import factorisations
+
+    from .config import ConfigError
+    from .predict import load_calibration, predict_all
+
+    kinds = sorted({str(r["device"]) for r in rows if r["status"] == "ok" and r["device"] not in (None, "cpu")})
+    if len(kinds) != 1:
+        raise ReportError(f"--predict-missing needs the rows of one GPU kind; they have: {', '.join(kinds) or 'none'}")
+    try:
+        cal = load_calibration(kinds[0])
+    except ConfigError as err:
+        raise ReportError(str(err)) from None
+    heads = get_family(preset).config(preset).num_heads
+    out: dict = {}
+    for h, w, f in sorted({(r["height"], r["width"], r["frames"]) for r in rows}):
+        for g in gpus:
+            if g > 1 and g not in best.get((h, w, f), {}):
+                predicted = predict_all(preset, h, w, f, factorisations(g, heads), cal, None)
+                out.setdefault((h, w, f), {})[g] = {p.topology.sp_label: p.step.seconds for p in predicted}
+    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -303,7 +339,7 @@ def _write_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
 
 
-def write_outputs(rows: list[dict], out: Path) -> list[dict]:
+def write_outputs(rows: list[dict], out: Path, predict_gpus: tuple[int, ...] = ()) -> list[dict]:
     """runs.jsonl (rewritten with speedup/efficiency), table.md, the plots and topology.yaml."""
     rows = with_efficiency(rows)
     _write_atomic(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -311,5 +347,5 @@ def write_outputs(rows: list[dict], out: Path) -> list[dict]:
     note = write_plots(rows, out)
     if note:
         print(f"note: {note}")
-    _write_atomic(out / "topology.yaml", topology_yaml(rows))
+    _write_atomic(out / "topology.yaml", topology_yaml(rows, predict_gpus))
     return rows

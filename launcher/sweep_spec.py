@@ -99,6 +99,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine", help="name of the machine kind for the rows (e.g. nvidia-h200-x4)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/sweep"))
     p.add_argument("--append-jsonl", type=Path, help="also append one object per measured configuration here")
+    p.add_argument("--predict-missing", metavar="GPUS",
+                   help="GPU counts (e.g. 8,16) to add to topology.yaml from plan --predict's model where nothing was "
+                        "measured, marked predicted: true")
     p.add_argument("--dry-run", action="store_true", help="list the configurations and their commands; run nothing")
     p.add_argument("--report-from", type=Path, nargs="+", metavar="RUNS_JSONL",
                    help="run nothing: rebuild table, plots and topology from these runs.jsonl files (merged)")

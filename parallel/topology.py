@@ -190,6 +190,7 @@ class TopologyEntry:
     gpus: int
     default: tuple[int, int]
     published: tuple[tuple[int, int], ...]
+    predicted: bool = False  # chosen by the step-time model (`sweep --predict-missing`), not measured
 
     @property
     def key(self) -> str:
@@ -282,6 +283,7 @@ class TopologyTable:
 _TOP_KEYS = {"model", "heads", "entries"}
 _ENTRY_KEYS = {"size", "frames", "gpus"}
 _GPU_KEYS = {"default", "published"}
+_GPU_OPTIONAL = {"predicted"}
 
 
 def _require(cond: bool, where: str, msg: str) -> None:
@@ -289,10 +291,10 @@ def _require(cond: bool, where: str, msg: str) -> None:
         raise TopologyError(f"{where}: {msg}")
 
 
-def _check_keys(obj: Any, allowed: set[str], where: str) -> None:
+def _check_keys(obj: Any, allowed: set[str], where: str, optional: frozenset[str] = frozenset()) -> None:
     _require(isinstance(obj, dict), where, f"expected a mapping, got {type(obj).__name__}")
-    unknown = sorted(set(map(str, obj)) - allowed)
-    _require(not unknown, where, f"unknown key(s) {unknown}; valid: {sorted(allowed)}")
+    unknown = sorted(set(map(str, obj)) - allowed - optional)
+    _require(not unknown, where, f"unknown key(s) {unknown}; valid: {sorted(allowed | optional)}")
     missing = sorted(allowed - set(map(str, obj)))
     _require(not missing, where, f"missing key(s) {missing}")
 
@@ -313,7 +315,8 @@ def _parse_label(value: Any, where: str) -> tuple[int, int]:
 
 def _parse_gpu_row(row: Any, gpus: Any, heads: int, where: str) -> tuple[int, tuple, tuple]:
     _require(isinstance(gpus, int) and gpus > 0, where, f"GPU count must be a positive integer, got {gpus!r}")
-    _check_keys(row, _GPU_KEYS, where)
+    _check_keys(row, _GPU_KEYS, where, frozenset(_GPU_OPTIONAL))
+    _require(isinstance(row.get("predicted", False), bool), f"{where}.predicted", "must be true or false")
     _require(isinstance(row["published"], list) and row["published"], f"{where}.published", "must be a non-empty list")
     published = tuple(_parse_label(v, f"{where}.published") for v in row["published"])
     default = _parse_label(row["default"], f"{where}.default")
@@ -335,9 +338,8 @@ def _parse_entry(raw: Any, heads: int, where: str) -> list[TopologyEntry]:
     out = []
     for gpus, row in rows.items():
         g, default, published = _parse_gpu_row(row, gpus, heads, f"{where}.gpus.{gpus}")
-        out.append(
-            TopologyEntry(height=height, width=width, frames=frames, gpus=g, default=default, published=published)
-        )
+        out.append(TopologyEntry(height=height, width=width, frames=frames, gpus=g, default=default,
+                                 published=published, predicted=row.get("predicted", False)))
     return out
 
 

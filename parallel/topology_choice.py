@@ -49,7 +49,8 @@ def explain(chosen: ResolvedTopology, table: TopologyTable, height: int, width: 
     if chosen.source == "table":
         e = chosen.entry
         published = ", ".join(f"{u}x{r}" for u, r in e.published)
-        return f"table {path}: row {e.key} on {e.gpus} sequence-parallel GPUs, default of {published}"
+        how = "predicted (not measured) fastest" if e.predicted else "default"
+        return f"table {path}: row {e.key} on {e.gpus} sequence-parallel GPUs, {how} of {published}"
     return (
         f"rule: {path} has no row for {height}x{width}x{frames} on {topo.sp} sequence-parallel GPUs; "
         f"the largest ulysses dividing {table.heads} heads, then ring = {topo.sp} / ulysses"

@@ -217,3 +217,18 @@ def test_calibrate_command_writes_the_committed_rates(tmp_path):
             assert written[key] == pytest.approx(value, rel=1e-5), key
         else:
             assert written[key] == value, key
+
+
+def test_sweep_fills_unmeasured_gpu_counts_from_predictions_marked_as_such(tmp_path):
+    from parallel.topology import load_topology_table
+
+    out = subprocess.run([sys.executable, "-m", "launcher", "sweep", "--report-from",
+                          str(ROOT / "docs/benchmarks/sweep/runs.jsonl"), "--output-dir", str(tmp_path),
+                          "--predict-missing", "8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    table = load_topology_table(tmp_path / "topology.yaml")
+    rows = {(e.key, e.gpus): e for e in table.entries.values()}
+    entry8, entry4 = rows[("720x1280x129", 8)], rows[("720x1280x129", 4)]
+    assert entry8.predicted and not entry4.predicted and entry4.default == (4, 1)
+    plan = run_plan("--gpus", "8", "--topology", str(tmp_path / "topology.yaml"), "--json")
+    assert "predicted (not measured) fastest" in json.loads(plan.stdout)["chosen"]["reason"]
