@@ -120,6 +120,7 @@ class StepTime:
     """Predicted seconds of one step on one rank, by part."""
 
     compute: float  # token-wise work and attention kernels
+    attention: float  # the attention kernels' part of compute
     a2a: float
     ring: float  # ring overhead, plus transfers a slower link exposes
     cfg_exchange: float
@@ -146,7 +147,8 @@ def predict(job: Job, cal: Calibration, link: Interconnect | None = None) -> Ste
         a2a = _a2a_seconds(job, f["a2a"], a2a, cal, link)
         ring += _ring_exposed(job, attn_rate * f["attention"], cal, link)
         cfg = _cfg_exchange(job, cal, link)
-    return StepTime(compute=compute, a2a=a2a, ring=ring, cfg_exchange=cfg, seconds=compute + a2a + ring + cfg)
+    return StepTime(compute=compute, attention=attn_rate * f["attention"], a2a=a2a, ring=ring, cfg_exchange=cfg,
+                    seconds=compute + a2a + ring + cfg)
 
 
 def _intra_s_per_byte(cal: Calibration, link: Interconnect) -> float:

@@ -232,3 +232,12 @@ def test_sweep_fills_unmeasured_gpu_counts_from_predictions_marked_as_such(tmp_p
     assert entry8.predicted and not entry4.predicted and entry4.default == (4, 1)
     plan = run_plan("--gpus", "8", "--topology", str(tmp_path / "topology.yaml"), "--json")
     assert "predicted (not measured) fastest" in json.loads(plan.stdout)["chosen"]["reason"]
+
+
+def test_scaling_doc_holds_the_tables_the_script_prints():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/scaling_report.py")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = (ROOT / "docs/SCALING.md").read_text()
+    missing = [ln for ln in out.stdout.splitlines() if ln.strip() and ln not in doc]
+    assert not missing, missing[:3]
