@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
             from .predict import run_calibrate
 
             return run_calibrate(args)
+        if args.command == "quality":
+            from .quality import run_quality
+
+            return run_quality(args)
         if args.command == "sweep":
             from .sweep import run_sweep
 

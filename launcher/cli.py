@@ -98,7 +98,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     height, width = parse_size(args.size) if args.size else (defaults.height, defaults.width)
     return RunConfig(
         preset=args.preset,
-        model_dir=args.model_dir,
+        # A preset whose weights ship with the code runs them unless told otherwise.
+        model_dir=args.model_dir if args.model_dir or args.random_weights else defaults.model_dir,
         random_weights=args.random_weights,
         prompts=prompts,
         height=height,
@@ -195,4 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .predict import add_calibrate_args
 
     add_calibrate_args(sub.add_parser("calibrate", help="fit plan --predict's step-time model to measured sweep rows"))
+    from .quality import add_quality_args
+
+    add_quality_args(sub.add_parser("quality", help="PSNR of a run's videos against another run's; the demo grammar check"))
     return parser

@@ -74,7 +74,7 @@ class ResolvedJob:
         if self.cfg.model_dir is None:
             return None
         fp8 = self.memory.plan.placement.fp8 != "off"
-        return [{"path": str(f), "bytes": f.stat().st_size} for f in self.family.weight_files(self.cfg.model_dir, fp8)]
+        return [{"path": str(f), "bytes": f.stat().st_size} for f in self.family.weight_files(self.cfg.model_dir, fp8, self.dit)]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -217,7 +217,7 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
     dit = family.config(cfg.preset)
     dtype, text_dtype = resolve_dtypes(cfg, device, family.text.dtype_on_gpu)
     if check_files and cfg.model_dir is not None:
-        family.check_model_dir(cfg.model_dir)
+        family.check_model_dir(cfg.model_dir, dit)
     if check_files:
         check_output_dir(cfg.output_dir)
     # Output names carry the seed: without one they are checked once rank 0 has drawn it.
@@ -226,7 +226,8 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
         table = table_for(family.topology_path(cfg.preset), dit.num_heads, cfg.topology_file, model=f"preset {cfg.preset}")
     except TopologyError as err:
         raise JobTopologyError(str(err)) from None
-    text_weights = cfg.model_dir is not None if text_weights is None else text_weights
+    if text_weights is None:
+        text_weights = cfg.model_dir is not None and family.text.has_weights(dit)
     memory, reason = _plan_memory(cfg, dit, table, world, dtype, device_memory, gpus_per_node, text_weights)
     check_attention(cfg, math.prod(dit.token_grid(cfg.height, cfg.width, cfg.frames)), memory.topology, device.type)
     if device.type == "cpu" and host_memory_per_rank is not None:

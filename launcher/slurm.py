@@ -100,7 +100,8 @@ def resolve_cluster_job(args: argparse.Namespace) -> ResolvedJob:
     if cfg.model_dir is not None:  # the folder must exist here too (it is validated, then passed on)
         from models import get_family
 
-        get_family(cfg.preset).check_model_dir(cfg.model_dir)
+        family = get_family(cfg.preset)
+        family.check_model_dir(cfg.model_dir, family.config(cfg.preset))
     return resolve_job(cfg, world=args.nodes * args.gpus_per_node, device=device,
                        gpus_per_node=args.gpus_per_node, check_files=False)
 

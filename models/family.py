@@ -53,6 +53,7 @@ class PresetDefaults:
     guidance: float = 6.0  # embedded (distilled) guidance, for a family that has it
     cfg_scale: float = 1.0  # classic CFG (1 = off): Wan's release runs 5.0 with a negative prompt
     fps: int = 24
+    model_dir: Path | None = None  # weights shipped with the code: --model-dir when none is given
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,12 +89,15 @@ class TextSpec:
     gives a ``models.sampling.TextConditioning`` (the weightless built-in one without a folder);
     ``max_tokens``: text tokens the DiT sees; ``streamable(encoder)`` -> ``(resident modules,
     [(name, layer)])`` when its big layers may stream from host memory, else None;
-    ``weight_bytes(streamed)`` -> its peak GPU bytes with weights loaded (0 for the built-in)."""
+    ``weight_bytes(streamed)`` -> its peak GPU bytes with weights loaded (0 for the built-in);
+    ``has_weights(dit_config)``: whether a model directory brings this preset's encoder weights
+    (False for a DiT trained on the built-in encoder, which it then uses with --model-dir too)."""
 
     load: Callable[..., Any]
     max_tokens: int
     streamable: Callable[[Any], tuple[list[nn.Module], list[tuple[str, nn.Module]]] | None] = lambda enc: None
     weight_bytes: Callable[[bool], int] = lambda streamed: 0
+    has_weights: Callable[[Any], bool] = lambda cfg: True  # False: a preset on the built-in encoder
     dtype_on_gpu: torch.dtype = torch.float16  # what --text-encoder-precision auto means on a GPU
 
 
@@ -104,12 +108,12 @@ class ModelFamily:
     ``name`` names the topology table (``configs/topology/<name>.yaml``; ``topology_table``
     overrides the path, None = the rule alone). ``build(config, device, dtype, seed)`` -> the DiT
     (meta device: shapes only); ``load(model, path)`` -> the checkpoint assigned strictly (a bad
-    one raises before any collective); ``weight_files(model_dir, fp8)`` -> the files its loaders read
+    one raises before any collective); ``weight_files(model_dir, fp8, config)`` -> the files its loaders read
 from a weight folder (with FP8 asked for: the fp8 DiT file where there is one), for the record;
 ``scheduler(steps=, shift=)`` -> a fresh sampler for one video
 (``timesteps()`` `[steps]`, ``step(x, v, i)`` elementwise, so a rank steps its shard; multistep
 samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, block)]`` in
-    execution order, the unit of layer streaming and FP8; ``check_model_dir(path)`` raises when a
+    execution order, the unit of layer streaming and FP8; ``check_model_dir(path, config)`` raises when a
     weight folder is missing (cheap, run on every rank); ``forward_work(config, image_tokens,
     text_tokens)`` -> the FLOPs of one forward (``models.cost.ForwardWork``, what `plan --predict`
     prices), None when the family does not declare them."""
@@ -124,8 +128,8 @@ samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, 
     unpatchify: Callable[[torch.Tensor, tuple[int, int, int], tuple[int, int, int]], torch.Tensor]
     text: TextSpec
     vae: VaeSpec
-    check_model_dir: Callable[[Path], None] = lambda path: None
-    weight_files: Callable[[Path, bool], list[Path]] = lambda path, fp8: []  # what the loaders read (the record)
+    check_model_dir: Callable[[Path, Any], None] = lambda path, cfg: None
+    weight_files: Callable[[Path, bool, Any], list[Path]] = lambda path, fp8, cfg: []  # what the loaders read (the record)
     scheduler: Callable[..., Any] = FlowMatchEuler  # (steps=, shift=) -> a fresh sampler per video
     forward_work: Callable[[Any, int, int], Any] | None = None
     released: frozenset[str] = frozenset()  # presets of a published checkpoint: weights expected

@@ -27,7 +27,8 @@ _RELEASE_NAMES = ("mp_rank_00_model_states.pt", "mp_rank_00_model_states_fp8.pt"
 
 def _dir_candidates(prefer_fp8: bool = False) -> list[str]:
     names = _RELEASE_NAMES[::-1] if prefer_fp8 else _RELEASE_NAMES
-    return [d + n for n in names for d in _RELEASE_DIRS] + ["transformer"]
+    # Then folders holding safetensors: the release's layout with a safetensors file, diffusers'.
+    return [d + n for n in names for d in _RELEASE_DIRS] + [d.rstrip("/") for d in _RELEASE_DIRS if d] + ["transformer"]
 
 
 _WRAPPER_KEYS = ("module", "ema", "state_dict", "model")

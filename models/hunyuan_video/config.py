@@ -32,6 +32,9 @@ class HunyuanVideoConfig:
     vae_temporal_ratio: int = 4
     vae_spatial_ratio: int = 8
     vae_preset: str = "hunyuan-video"  # models.hunyuan_video.vae.VAE_PRESETS key, for random weights
+    # "release": the LLM + CLIP folders of a model directory; "builtin": the weightless hashed-word
+    # encoder (models/text_builtin.py) even with --model-dir, for a DiT trained on it.
+    text_encoder: str = "release"
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -40,6 +43,8 @@ class HunyuanVideoConfig:
                 f"preset {self.name!r}: hidden_size {self.hidden_size} is not divisible by "
                 f"num_heads {self.num_heads}"
             )
+        if self.text_encoder not in ("release", "builtin"):
+            raise ValueError(f"preset {self.name!r}: text_encoder {self.text_encoder!r}; valid: release, builtin")
         if sum(self.rope_axes_dim) != self.head_dim or any(d % 2 for d in self.rope_axes_dim):
             raise ValueError(
                 f"preset {self.name!r}: rope_axes_dim {self.rope_axes_dim} must be even numbers "
@@ -96,6 +101,22 @@ PRESETS: dict[str, HunyuanVideoConfig] = {
             text_states_dim=64,
             pooled_dim=32,
             vae_preset="tiny",
+        ),
+        # The demo model, trained here on procedural videos (models/demo/) and shipped with the
+        # code: 128x128x17 videos, the built-in text encoder, no guidance embedding (no distillation).
+        HunyuanVideoConfig(
+            name="hunyuan-video-demo",
+            hidden_size=256,
+            num_heads=8,
+            depth_double=2,
+            depth_single=2,
+            refiner_depth=1,
+            rope_axes_dim=(8, 12, 12),
+            text_states_dim=64,
+            pooled_dim=32,
+            guidance_embed=False,
+            vae_preset="demo",
+            text_encoder="builtin",
         ),
         # The release's width and heads with few blocks: real per-block cost on a GPU.
         HunyuanVideoConfig(name="hunyuan-video-2block", depth_double=1, depth_single=1),

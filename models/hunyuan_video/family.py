@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..demo import WEIGHTS_DIR as DEMO_WEIGHTS_DIR
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
 from ..tokens import build_dit
 from ..weights import init_random_
@@ -29,6 +30,9 @@ DEFAULTS = {
     "hunyuan-video-13b": PresetDefaults(height=720, width=1280, frames=129, steps=50),
     "hunyuan-video-2block": PresetDefaults(height=720, width=1280, frames=129, steps=50),
     "tiny": PresetDefaults(height=64, width=96, frames=9, steps=4),
+    # Its weights ship with the code (models/demo/); trained with this shift, shown at 8 fps.
+    "hunyuan-video-demo": PresetDefaults(height=128, width=128, frames=17, steps=20, flow_shift=3.0, fps=8,
+                                         model_dir=DEMO_WEIGHTS_DIR),
 }
 
 
@@ -50,27 +54,30 @@ def blocks(model: HunyuanVideoDiT) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def check_model_dir(model_dir: Path) -> None:
+def check_model_dir(model_dir: Path, cfg: HunyuanVideoConfig) -> None:
     """The text encoder and VAE folders are there (the DiT's checkpoint is checked on load)."""
     from .text_encoder import find_encoder_folders
     from .vae import find_vae_files
 
-    find_encoder_folders(model_dir)
+    if cfg.text_encoder == "release":
+        find_encoder_folders(model_dir)
     try:
         find_vae_files(model_dir)
     except FileNotFoundError as err:
         raise ModelInputError(str(err)) from None
 
 
-def weight_files(model_dir: Path, fp8: bool) -> list[Path]:
+def weight_files(model_dir: Path, fp8: bool, cfg: HunyuanVideoConfig) -> list[Path]:
     """The DiT checkpoint file(s), the VAE's weights and config, and each text encoder folder's
-    weight and config files, as the loaders resolve them."""
+    weight and config files (a DiT on the built-in encoder has none), as the loaders resolve them."""
     from ..weights import resolve_checkpoint
     from .text_encoder import find_encoder_folders
     from .vae import find_vae_files
 
     files = list(resolve_checkpoint(model_dir, prefer_fp8=fp8))
     files += [f for f in find_vae_files(model_dir) if f is not None]
+    if cfg.text_encoder == "builtin":
+        return files
     enc = find_encoder_folders(model_dir)
     for folder in (enc.llm, enc.clip):
         files += sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"))
@@ -83,6 +90,8 @@ def weight_files(model_dir: Path, fp8: bool) -> list[Path]:
 def load_text(model_dir: Path | None, cfg: HunyuanVideoConfig, *, device, dtype):
     from .text_encoder import load_text_encoder
 
+    if cfg.text_encoder == "builtin":
+        model_dir = None  # a DiT trained on the weightless encoder: no text folders to read
     return load_text_encoder(None if model_dir is None else str(model_dir), text_dim=cfg.text_states_dim,
                              pooled_dim=cfg.pooled_dim, device=device, dtype=dtype)
 
@@ -155,7 +164,8 @@ FAMILY = ModelFamily(
     blocks=blocks,
     patchify=patchify,
     unpatchify=unpatchify,
-    text=TextSpec(load=load_text, max_tokens=256, streamable=text_streamable, weight_bytes=text_weight_bytes),
+    text=TextSpec(load=load_text, max_tokens=256, streamable=text_streamable, weight_bytes=text_weight_bytes,
+                  has_weights=lambda cfg: cfg.text_encoder == "release"),
     vae=VaeSpec(load=load_vae_for, decode=decode, tilings=("release", "small"), decode_bytes=decode_bytes,
                 tile_shape=tile_shape, weight_bytes=lambda cfg: _vae_params(cfg.vae_preset) * 2,
                 calibrated=lambda cfg: cfg.vae_preset == "hunyuan-video", note=vae_note),
@@ -164,5 +174,5 @@ FAMILY = ModelFamily(
     weight_files=weight_files,
     guidance="embedded",
     default_negative_prompt=NEGATIVE_PROMPT,
-    released=frozenset({"hunyuan-video-13b"}),
+    released=frozenset({"hunyuan-video-13b", "hunyuan-video-demo"}),
 )

@@ -76,6 +76,8 @@ VAE_PRESETS = {
     "hunyuan-video": VAEConfig(),
     # Same structure (4 blocks, 4x/8x, attention, shortcut convs) at a size CPU tests can run.
     "tiny": VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+    # The demo model's VAE (models/demo/): the same structure, narrow enough to train in minutes.
+    "demo": VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
 }
 
 

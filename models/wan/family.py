@@ -45,7 +45,7 @@ def blocks(model: WanDiT) -> list[tuple[str, nn.Module]]:
     return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
 
 
-def check_model_dir(model_dir: Path) -> None:
+def check_model_dir(model_dir: Path, cfg=None) -> None:
     """The umT5 and VAE files are there (the DiT's checkpoint is checked on load)."""
     from .text_encoder import find_text_files
     from .vae import find_vae_files
@@ -57,7 +57,7 @@ def check_model_dir(model_dir: Path) -> None:
         raise ModelInputError(str(err)) from None
 
 
-def weight_files(model_dir: Path, fp8: bool) -> list[Path]:
+def weight_files(model_dir: Path, fp8: bool, cfg=None) -> list[Path]:
     from .checkpoint import dit_files
     from .text_encoder import find_text_files
     from .vae import find_vae_files

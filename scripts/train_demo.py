@@ -1,0 +1,353 @@
+#!/usr/bin/env python
+"""Train the demo model (preset `hunyuan-video-demo`) on the procedural videos of
+`models/demo/grammar.py`, and write it in the release's folder layout:
+
+    OUT/transformers/mp_rank_00_model_states.safetensors   the DiT (EMA weights, bf16)
+    OUT/vae/diffusion_pytorch_model.safetensors, config.json the causal VAE (bf16) and its config
+    OUT/train_log.jsonl, OUT/train_summary.json             losses, timings, the held-out check
+
+Phases: (1) the VAE, reconstruction + a light KL; (2) its latents of a rendered dataset, whose
+std sets `scaling_factor`; (3) the DiT, flow matching on those latents (x_s = (1-s) x0 + s noise,
+target noise - x0, s drawn with the sampler's shift), conditioned by the built-in text encoder;
+the pooled vector is fresh noise each step (the built-in one is a hash of the whole prompt, so a
+held-out prompt's would be unseen: the model must read the words); 10% of captions are dropped to
+the empty prompt (so classic CFG works). (4) a check: the held-out and seen check prompts sampled
+as `generate` would, read back (colour, motion).
+
+Seeded and resumable: `--work DIR` keeps a full checkpoint (weights, EMA, optimiser, step) every
+`--save-every` steps and a rerun continues from it; `--init DIR` starts the DiT (and takes the VAE)
+from written weights instead. Never imported by the launcher.
+
+    python scripts/train_demo.py --out models/demo/hunyuan-video-demo --work /tmp/demo-work
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.demo import grammar  # noqa: E402
+from models.hunyuan_video.config import get_preset  # noqa: E402
+from models.hunyuan_video.dit import HunyuanVideoDiT, patchify, unpatchify  # noqa: E402
+from models.hunyuan_video.vae import VAE_PRESETS, HunyuanVideoVAE, load_vae  # noqa: E402
+from models.scheduler import FlowMatchEuler  # noqa: E402
+from models.text_builtin import BuiltinTextEncoder  # noqa: E402
+
+PRESET = "hunyuan-video-demo"
+SHIFT = 3.0  # the preset's flow shift: training draws sigmas as the sampler spaces them
+DIT_FILE = "transformers/mp_rank_00_model_states.safetensors"
+VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="where the weights are written (release layout)")
+    p.add_argument("--work", type=Path, help="checkpoint folder for resuming (default: OUT/../<name>-work)")
+    p.add_argument("--init", type=Path, help="start from weights written by an earlier run (skips the VAE phase)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vae-steps", type=int, default=2500)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-minutes", type=float, default=None, help="stop the VAE phase after this long")
+    p.add_argument("--dataset", type=int, default=24576, help="videos rendered and encoded for the DiT")
+    p.add_argument("--dit-steps", type=int, default=12000)
+    p.add_argument("--dit-batch", type=int, default=128)
+    p.add_argument("--dit-lr", type=float, default=4e-4)
+    p.add_argument("--dit-minutes", type=float, default=None, help="stop the DiT phase after this long")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--check-steps", type=int, default=20, help="sampling steps of the final check")
+    p.add_argument("--check-count", type=int, default=20, help="prompts of the final check")
+    return p.parse_args(argv)
+
+
+def log(out: Path, **row) -> None:
+    print(json.dumps(row), flush=True)
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class Schedule:
+    """Linear warm-up, then cosine decay to a tenth of the peak over `steps` steps or `minutes`,
+    whichever ends first (so a time-limited phase still anneals)."""
+
+    def __init__(self, steps: int, minutes: float | None, peak: float, warmup: int):
+        self.steps, self.peak, self.warmup, self.t0 = steps, peak, warmup, time.time()
+        self.deadline = None if minutes is None else self.t0 + 60 * minutes
+
+    def progress(self, step: int) -> float:
+        frac = step / self.steps
+        if self.deadline is not None:
+            frac = max(frac, (time.time() - self.t0) / (self.deadline - self.t0))
+        return min(1.0, frac)
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        return self.peak * (0.1 + 0.45 * (1 + math.cos(math.pi * self.progress(step))))
+
+
+def pick(captions: list, n: int, gen: torch.Generator) -> list:
+    return [captions[i] for i in torch.randint(len(captions), (n,), generator=gen).tolist()]
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# --- VAE ----------------------------------------------------------------------------------------
+
+
+def train_vae(vae: HunyuanVideoVAE, args, dev: torch.device, out: Path) -> None:
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    caps, gen = grammar.training_captions(), torch.Generator().manual_seed(args.seed)
+    t0, sched = time.time(), Schedule(args.vae_steps, args.vae_minutes, args.vae_lr, warmup=200)
+    step = 0
+    while not sched.done(step):
+        for group in opt.param_groups:
+            group["lr"] = sched.lr(step)
+        x = grammar.render(pick(caps, args.vae_batch, gen), seed=args.seed * 1_000_003 + step, device=dev)
+        with autocast(dev):
+            mean, logvar = vae.encode_tile(x).float().chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            rec = vae.decode_tile(z).float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 250 == 1 or sched.done(step):
+            psnr = -10 * math.log10(F.mse_loss(rec.detach().clamp(-1, 1), x).item() / 4 + 1e-12)
+            log(out, phase="vae", step=step, loss=round(loss.item(), 5), kl=round(kl.item(), 3),
+                psnr=round(psnr, 2), s=round(time.time() - t0, 1))
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(vae: HunyuanVideoVAE, args, dev: torch.device, out: Path):
+    """Latents (VAE space, posterior means, bf16) of `args.dataset` rendered videos and their
+    caption indices; plus the scaling factor that gives them unit std."""
+    caps, gen = grammar.training_captions(), torch.Generator().manual_seed(args.seed + 1)
+    t0, lat, idx = time.time(), [], []
+    for start in range(0, args.dataset, 64):
+        ids = torch.randint(len(caps), (min(64, args.dataset - start),), generator=gen)
+        x = grammar.render([caps[i] for i in ids.tolist()], seed=10_000_019 + start, device=dev)
+        with autocast(dev):
+            mean = vae.encode_tile(x).float().chunk(2, dim=1)[0]
+        lat.append(mean.to(torch.bfloat16))
+        idx.append(ids)
+    latents, ids = torch.cat(lat), torch.cat(idx).to(dev)
+    scaling = float(1.0 / latents[:2048].float().std())
+    log(out, phase="latents", videos=len(latents), shape=list(latents.shape[1:]), scaling_factor=round(scaling, 6),
+        s=round(time.time() - t0, 1))
+    return latents, ids, scaling
+
+
+# --- DiT ----------------------------------------------------------------------------------------
+
+
+class TextTable:
+    """The built-in encoder's rows for every training caption (and the empty prompt, last), at a
+    short text length: padded text is masked everywhere, so it equals the launcher's 256."""
+
+    def __init__(self, captions, cfg, dev, length: int = 8):
+        enc = BuiltinTextEncoder(cfg.text_states_dim, cfg.pooled_dim, length, device=dev)
+        cond = enc.encode([c.text for c in captions] + [""])
+        self.txt, self.mask = cond.txt, cond.mask
+        self.empty = len(captions)
+
+
+def flow_batch(latents, ids, table, cfg, gen_dev, dev, batch: int, scaling: float):
+    pick_ = torch.randint(len(latents), (batch,), device=dev, generator=gen_dev)
+    x0 = latents[pick_].float() * scaling  # [B, 16, T, h, w], the DiT's latent space
+    cap = ids[pick_].clone()
+    cap[torch.rand(batch, device=dev, generator=gen_dev) < 0.1] = table.empty
+    u = torch.rand(batch, device=dev, generator=gen_dev)
+    sigma = SHIFT * u / (1 + (SHIFT - 1) * u)
+    noise = torch.randn(x0.shape, device=dev, generator=gen_dev)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    # The built-in pooled vector is a hash of the whole prompt (unit-variance uniform): noise here.
+    pooled = (torch.rand(batch, cfg.pooled_dim, device=dev, generator=gen_dev) * 2 - 1) * math.sqrt(3)
+    return xt, noise - x0, sigma * 1000, table.txt[cap], table.mask[cap], pooled
+
+
+def train_dit(dit, ema, latents, ids, scaling, args, dev, out: Path, work: Path) -> None:
+    cfg = dit.config
+    table = TextTable(grammar.training_captions(), cfg, dev)
+    grid = tuple(n // p for n, p in zip(latents.shape[2:], cfg.patch_size))
+    cos, sin = dit.rope(grid)
+    cos, sin = cos.to(dev), sin.to(dev)
+    opt = torch.optim.AdamW(dit.parameters(), lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen_dev = torch.Generator(device=dev).manual_seed(args.seed + 2)
+    start = 0
+    ckpt = work / "dit.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        dit.load_state_dict(state["dit"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen_dev.set_state(state["gen"].cpu())
+        start = state["step"]
+        log(out, phase="dit", resumed_at=start)
+    t0, sched = time.time(), Schedule(args.dit_steps, args.dit_minutes, args.dit_lr, warmup=500)
+    dit.train().requires_grad_(True)
+    step = start
+    for step in range(start, args.dit_steps):
+        for group in opt.param_groups:
+            group["lr"] = sched.lr(step)
+        xt, target, t, txt, mask, pooled = flow_batch(latents, ids, table, cfg, gen_dev, dev, args.dit_batch, scaling)
+        with autocast(dev):
+            v = dit(patchify(xt, cfg.patch_size), cos, sin, txt, mask, t, pooled)
+        loss = F.mse_loss(v.float(), patchify(target, cfg.patch_size))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(dit.parameters()), 1 - decay)
+        if step % 250 == 0:
+            log(out, phase="dit", step=step, loss=round(loss.item(), 5), s=round(time.time() - t0, 1))
+        done = sched.done(step + 1)
+        if (step + 1) % args.save_every == 0 or done:
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save({"dit": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "gen": gen_dev.get_state(), "step": step + 1}, work / "dit.tmp")
+            (work / "dit.tmp").replace(ckpt)
+        if done:
+            break
+    log(out, phase="dit", stopped_at=step + 1, s=round(time.time() - t0, 1))
+    dit.eval().requires_grad_(False)
+
+
+# --- writing and checking ------------------------------------------------------------------------
+
+
+def save_vae(vae: HunyuanVideoVAE, scaling: float, folder: Path, dtype: torch.dtype) -> None:
+    """The VAE's weights in `dtype` and a config.json the loader reads (the release's key names)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in vae.state_dict().items()}
+    save_file(sd, str(folder / Path(VAE_FILE).name), metadata={"format": "pt", "preset": PRESET})
+    vc = vae.config
+    config = {
+        "_class_name": "AutoencoderKLCausal3D", "in_channels": vc.in_channels, "out_channels": vc.out_channels,
+        "latent_channels": vc.latent_channels, "block_out_channels": list(vc.block_out_channels),
+        "layers_per_block": vc.layers_per_block, "norm_num_groups": vc.norm_num_groups, "act_fn": "silu",
+        "scaling_factor": round(scaling, 6), "time_compression_ratio": vc.time_compression_ratio,
+        "spatial_compression_ratio": vc.spatial_compression_ratio,
+        "mid_block_add_attention": vc.mid_block_add_attention,
+        "down_block_types": ["DownEncoderBlockCausal3D"] * len(vc.block_out_channels),
+        "up_block_types": ["UpDecoderBlockCausal3D"] * len(vc.block_out_channels),
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_weights(ema, vae: HunyuanVideoVAE, scaling: float, out: Path) -> None:
+    """The shipped files: the EMA DiT and the VAE in bf16 (the launcher casts to its dtype)."""
+    from safetensors.torch import save_file
+
+    (out / DIT_FILE).parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in ema.state_dict().items()}
+    save_file(sd, str(out / DIT_FILE), metadata={"format": "pt", "preset": PRESET})
+    save_vae(vae, scaling, out / "vae", torch.bfloat16)
+
+
+@torch.no_grad()
+def check(out: Path, dev: torch.device, steps: int, count: int) -> dict:
+    """Sample the check prompts from the written weights as `generate` does (256 text tokens, the
+    hashed pooled vector, seed i), decode, read back."""
+    from models.sampling import denoise_tokens, initial_noise
+    from safetensors.torch import load_file
+
+    cfg = get_preset(PRESET)
+    dit = HunyuanVideoDiT(cfg).to(dev)
+    dit.load_state_dict({k: v.float() for k, v in load_file(str(out / DIT_FILE)).items()})
+    dit.eval()
+    vae = load_vae(out, device=dev, dtype=torch.float32)
+    enc = BuiltinTextEncoder(cfg.text_states_dim, cfg.pooled_dim, 256, device=dev)
+    latent = cfg.latent_grid(grammar.SIZE, grammar.SIZE, grammar.FRAMES)
+    grid = cfg.token_grid(grammar.SIZE, grammar.SIZE, grammar.FRAMES)
+    rope = dit.rope(grid)
+    results = []
+    for i, cap in enumerate(grammar.check_prompts(count)):
+        noise = patchify(initial_noise((1, cfg.in_channels, *latent), seed=i), cfg.patch_size).to(dev)
+        tokens = denoise_tokens(dit, noise, rope, enc.encode([cap.text]), FlowMatchEuler(steps=steps, shift=SHIFT),
+                                embedded_guidance=None)
+        z = unpatchify(tokens, grid, cfg.patch_size) / vae.config.scaling_factor
+        video = vae.decode(z)[0]
+        frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+        r = grammar.read_back(frames)
+        held = (cap.colour, cap.shape, cap.motion) in set(grammar.HELD_OUT)
+        results.append({"prompt": cap.text, "held_out": held, "colour": r.colour, "motion": r.motion,
+                        "colour_ok": r.colour == cap.colour, "motion_ok": r.motion == cap.motion})
+    n = len(results)
+    return {"prompts": n, "colour": sum(r["colour_ok"] for r in results) / n,
+            "motion": sum(r["motion_ok"] for r in results) / n, "results": results}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = args.work or out.parent / f"{out.name}-work"
+    t_start = time.time()
+    if args.init is not None:
+        vae = load_vae(args.init, device=dev, dtype=torch.float32)
+        latents, ids, scaling = encode_dataset(vae, args, dev, out)
+    elif (work / "vae").is_dir():
+        vae = load_vae(work / "vae", device=dev, dtype=torch.float32)
+        latents, ids, scaling = encode_dataset(vae, args, dev, out)
+    else:
+        vae = HunyuanVideoVAE(VAE_PRESETS["demo"]).to(dev)
+        train_vae(vae, args, dev, out)
+        latents, ids, scaling = encode_dataset(vae, args, dev, out)
+        save_vae(vae, scaling, work / "vae", torch.float32)  # a resumed run skips the VAE
+    t_vae = time.time() - t_start
+    cfg = get_preset(PRESET)
+    dit = HunyuanVideoDiT(cfg).to(dev)
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        dit.load_state_dict({k: v.float() for k, v in load_file(str(args.init / DIT_FILE)).items()})
+    ema = HunyuanVideoDiT(cfg).to(dev)
+    ema.load_state_dict(dit.state_dict())
+    ema.requires_grad_(False)
+    train_dit(dit, ema, latents, ids, scaling, args, dev, out, work)
+    t_dit = time.time() - t_start - t_vae
+    write_weights(ema, vae, scaling, out)
+    summary = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               "vae_and_latents_s": round(t_vae, 1), "dit_s": round(t_dit, 1), "args": vars(args)}
+    summary["check"] = check(out, dev, args.check_steps, args.check_count)
+    summary["total_s"] = round(time.time() - t_start, 1)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    c = summary["check"]
+    print(f"check: colour {c['colour']:.0%}, motion {c['motion']:.0%} of {c['prompts']} prompts; "
+          f"VAE {t_vae:.0f} s, DiT {t_dit:.0f} s, total {summary['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
