@@ -29,9 +29,12 @@ from parallel.topology import Topology
 
 from .config import ConfigError
 
+from models.configs import config_file
+
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION_DIR = ROOT / "configs" / "calibration"
-DEFAULT_RECORDS = (ROOT / "docs" / "benchmarks" / "sweep.jsonl",)
+CALIBRATION_DIR = config_file("calibration")
+# The measured rows ship with the checkout (docs/), not with an installed wheel: there, --records.
+DEFAULT_RECORDS = tuple(p for p in (ROOT / "docs" / "benchmarks" / "sweep.jsonl",) if p.is_file())
 DEFAULT_GPU = "NVIDIA H200"
 
 

@@ -161,8 +161,9 @@ samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, 
         name = self.preset_tables.get(preset, self.name) if preset is not None else self.name
         if self.topology_table != "" and name == self.name:
             return self.topology_table
-        root = Path(__file__).resolve().parents[1]
-        return str(root / "configs" / "topology" / f"{name}.yaml")
+        from .configs import config_file
+
+        return str(config_file("topology", f"{name}.yaml"))
 
 
 _REGISTRY: dict[str, ModelFamily] = {}

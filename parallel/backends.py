@@ -73,7 +73,7 @@ def backend_problem(backend: str, *, device_type: str, sp_size: int, num_tokens:
     except Exception as err:  # noqa: BLE001 - any import failure means "not usable here"
         extra = "xfuser" if backend.startswith("xfuser") else "yunchang"
         return (f"{backend} needs the {extra} package, which does not import here ({type(err).__name__}: {err}); "
-                f"install it (pip install 'videodit-launcher[xfuser]' brings both), or use native")
+                f"install it (pip install 'videodit-launcher[{extra}]'; [xfuser] brings both), or use native")
     if sp_size == 1:
         return (f"{backend} is a sequence-parallel backend and this job's sequence-parallel size is 1 "
                 "(one local kernel runs); use native")

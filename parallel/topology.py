@@ -373,6 +373,7 @@ def load_topology_table(path: str | os.PathLike) -> TopologyTable:
 
 
 def default_table_path(model: str) -> str:
-    """``configs/topology/<model>.yaml`` in this checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, "configs", "topology", f"{model}.yaml")
+    """``configs/topology/<model>.yaml`` (of the checkout, or the installed package's copy)."""
+    from models.configs import config_file
+
+    return str(config_file("topology", f"{model}.yaml"))

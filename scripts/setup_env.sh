@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment and installs the project into it.
-# Usage: scripts/setup_env.sh [extras]   (default extras: test,video,text,plot)
+# Usage: scripts/setup_env.sh [extras]   (default extras: test,video,text,plot,yunchang)
 # Prints nothing unless pip fails (then its whole output); the venv path is $VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-EXTRAS=${1:-test,video,text,plot}
+EXTRAS=${1:-test,video,text,plot,yunchang}
 if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV"
 fi
