@@ -42,6 +42,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-latents", action="store_true", help="also write the final latents (.safetensors)")
     p.add_argument("--save-grid", action="store_true", help="also write a PNG grid of frames")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip prompts whose JSON record exists (it is written last: the video is complete); "
+                        "their other files without a record are a killed run's and are replaced (needs --seed)")
     p.add_argument("--fps", type=int, help="frames per second of the mp4 (default: the preset's, 24)")
     p.add_argument("--vae-tiling", default="auto", choices=("auto", "release", "small", "off"),
                    help="VAE decode tiling: the release's tiles (auto), 17x16x16-latent tiles (small), or none")
@@ -117,6 +120,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         save_latents=args.save_latents,
         save_grid=args.save_grid,
         overwrite=args.overwrite,
+        skip_existing=args.skip_existing,
         fps=args.fps if args.fps is not None else defaults.fps,
         vae_tiling=args.vae_tiling,
         negative_prompt=_negative_prompt(args, family),

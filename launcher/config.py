@@ -43,6 +43,7 @@ class RunConfig:
     save_latents: bool = False
     save_grid: bool = False
     overwrite: bool = False
+    skip_existing: bool = False  # prompts whose record exists are done (a resubmitted batch job)
     fps: int = 24
     vae_tiling: str = "auto"
     negative_prompt: str | None = None
@@ -141,6 +142,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--cfg {cfg.cfg_degree}: valid: 1 (CFG passes one after the other) or 2 (in parallel)")
     if cfg.cfg_degree == 2 and not cfg.uses_cfg:
         raise ConfigError("--cfg 2 runs the negative pass on its own ranks: give --negative-prompt and --cfg-scale != 1")
+    if cfg.skip_existing and (cfg.overwrite or cfg.seed is None):
+        raise ConfigError("--skip-existing needs --seed (output names carry it) and excludes --overwrite")
     if cfg.dp < 1 or cfg.timeout_s <= 0:
         raise ConfigError(f"--dp {cfg.dp} / --timeout {cfg.timeout_s}: must be positive")
     _validate_memory(cfg)

@@ -131,8 +131,9 @@ def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
     where = "per GPU" if job.device.type == "cuda" else "per GPU were it on one; this run is on the CPU"
     log.info("memory: %s (%s; estimate %.1f GiB %s)", plan.label, job.memory.reason, plan.peak / 2**30, where)
     writer = VideoWriter(job, mesh, timer)
+    done = _already_done(job, mesh)
     try:
-        _denoise_all(job, plan, loaded, conds, mesh, timer, writer.on_prompt(plan, None))
+        _denoise_all(job, plan, loaded, conds, mesh, timer, writer.on_prompt(plan, None), done)
     except torch.OutOfMemoryError as err:
         if job.memory.fallback is None:
             raise
@@ -144,11 +145,25 @@ def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
         log.warning("CUDA out of memory (%s); falling back once to: %s (estimate %.1f GiB per GPU)",
                     oom, plan.label, plan.peak / 2**30)
         loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, job.dtype, plan.placement.fp8)  # consumed
-        _denoise_all(job, plan, loaded, conds, mesh, timer, writer.on_prompt(plan, oom), writer.done)
+        _denoise_all(job, plan, loaded, conds, mesh, timer, writer.on_prompt(plan, oom), writer.done | done)
     written = writer.finish()  # the videos held back until the DiT was freed, if any
     if mesh is not None:
         mesh.barrier()  # other ranks wait (with the timeout) for the writers
     return written
+
+
+def _already_done(job: Job, mesh: ParallelMesh | None) -> set[int]:
+    """--skip-existing: the prompts whose record exists, as rank 0 sees them (every rank skips the
+    same ones, also where the ranks' views of the file system differ)."""
+    if not job.cfg.skip_existing:
+        return set()
+    done = {i for i, p in enumerate(job.paths) if p["record"].is_file()} if job.rank == 0 else None
+    if mesh is not None:
+        done = mesh.broadcast_object(done)
+    if done and job.rank == 0:
+        log.info("--skip-existing: %d of %d prompts already have their record; skipping them",
+                 len(done), len(job.paths))
+    return done
 
 
 def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh | None, timer: PhaseTimer,

@@ -76,9 +76,9 @@ class VideoWriter:
             with timer.phase("vae_decode"):
                 video = ph.decode(job.family, self.vae, latents, plan.placement.vae_tiling)
         with timer.phase("write"):
-            ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=cfg.overwrite)
+            ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=cfg.overwrite or cfg.skip_existing)
         rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory}
-        write_json_atomic(rec, job.paths[i]["record"], overwrite=cfg.overwrite)
+        write_json_atomic(rec, job.paths[i]["record"], overwrite=cfg.overwrite or cfg.skip_existing)
         main = job.paths[i]["latents" if cfg.no_video else "video"]
         log.info("wrote %s: %d steps in %.1f s, %.1f s since the text encoding began, peak %s", main, len(step_s),
                  sum(step_s), timer.elapsed(), _peak_text(peaks))

@@ -150,7 +150,8 @@ def output_paths(cfg: RunConfig, index: int) -> dict[str, Path]:
     if cfg.save_grid:
         paths["grid"] = cfg.output_dir / f"{stem}.png"
     existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not cfg.overwrite:
+    # With --skip-existing a record means done, and files without one are a killed run's leftovers.
+    if existing and not (cfg.overwrite or cfg.skip_existing):
         raise ConfigError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
     return paths
 

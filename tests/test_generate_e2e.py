@@ -101,3 +101,29 @@ def test_the_record_says_where_and_from_what_it_ran(tmp_path):
     assert rec["wall_s"] > 0 and rec["started"] <= rec["finished"]
     assert rec["peak_memory_per_rank"][0]["host"] == socket.gethostname()
     assert "wrote" in proc.stderr and "steps in" in proc.stderr and "GiB host memory per rank" in proc.stderr
+
+
+def test_skip_existing_resumes_a_killed_batch(tmp_path):
+    """A resubmitted job over a prompts file: prompts with a record (written last) are skipped and
+    left untouched; a video without its record (the job was killed in between) is made again."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    args = ["generate", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--seed", "3",
+            "--prompts-file", str(prompts), "--output-dir", str(tmp_path / "out")]
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "launcher", *args, *extra], cwd=ROOT,  # noqa: E731
+                                        capture_output=True, text=True, timeout=300)
+    assert run().returncode == 0
+    out = tmp_path / "out"
+    first, second = out / "a-cat_seed3", out / "a-dog_seed4"
+    kept = first.with_suffix(".mp4").read_bytes(), first.with_suffix(".json").stat().st_mtime_ns
+    second.with_suffix(".json").unlink()  # killed before the second record was written
+    second.with_suffix(".mp4").write_bytes(b"partial")
+    refused = run()
+    assert refused.returncode == 2 and "output exists" in refused.stderr  # never silently replaced
+    again = run("--skip-existing")
+    assert again.returncode == 0, again.stderr
+    assert "1 of 2 prompts already have their record" in again.stderr
+    assert (first.with_suffix(".mp4").read_bytes(), first.with_suffix(".json").stat().st_mtime_ns) == kept
+    assert second.with_suffix(".json").is_file() and second.with_suffix(".mp4").read_bytes() != b"partial"
+    bad = run("--skip-existing", "--overwrite")
+    assert bad.returncode == 2 and "--skip-existing" in bad.stderr
