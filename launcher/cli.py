@@ -202,5 +202,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_args(sub.add_parser("calibrate", help="fit plan --predict's step-time model to measured sweep rows"))
     from .quality import add_quality_args
 
-    add_quality_args(sub.add_parser("quality", help="PSNR of a run's videos against another run's; the demo grammar check"))
+    add_quality_args(sub.add_parser("quality", help="PSNR of a run's videos against another run's"))
     return parser

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..demo import WEIGHTS_DIR as DEMO_WEIGHTS_DIR
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
 from ..tokens import build_dit
 from ..weights import init_random_
@@ -30,9 +29,8 @@ DEFAULTS = {
     "hunyuan-video-13b": PresetDefaults(height=720, width=1280, frames=129, steps=50),
     "hunyuan-video-2block": PresetDefaults(height=720, width=1280, frames=129, steps=50),
     "tiny": PresetDefaults(height=64, width=96, frames=9, steps=4),
-    # Its weights ship with the code (models/demo/); trained with this shift, shown at 8 fps.
-    "hunyuan-video-demo": PresetDefaults(height=128, width=128, frames=17, steps=20, flow_shift=3.0, fps=8,
-                                         model_dir=DEMO_WEIGHTS_DIR),
+    # Trained with this shift, shown at 8 fps (scripts/train_demo.py; weights not shipped yet).
+    "hunyuan-video-demo": PresetDefaults(height=128, width=128, frames=17, steps=20, flow_shift=3.0, fps=8),
 }
 
 
@@ -174,5 +172,5 @@ FAMILY = ModelFamily(
     weight_files=weight_files,
     guidance="embedded",
     default_negative_prompt=NEGATIVE_PROMPT,
-    released=frozenset({"hunyuan-video-13b", "hunyuan-video-demo"}),
+    released=frozenset({"hunyuan-video-13b"}),
 )
