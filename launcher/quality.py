@@ -65,6 +65,11 @@ def compare(run: Path, reference: Path) -> list[VideoPsnr]:
     return rows
 
 
+def json_safe(row: dict) -> dict:
+    """The row with infinite PSNRs (identical videos) as None: JSON has no inf."""
+    return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in row.items()}
+
+
 def summary(rows: list[VideoPsnr]) -> dict:
     """Mean PSNR over the videos that differ, the lowest, and how many are identical."""
     finite = [r.psnr_db for r in rows if math.isfinite(r.psnr_db)]
@@ -88,10 +93,8 @@ def run_quality(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from None
     total = summary(rows)
-    if args.json:  # inf is not JSON: identical videos are null
-        clean = lambda x: None if isinstance(x, float) and math.isinf(x) else x  # noqa: E731
-        print(json.dumps({"rows": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
-                          "summary": {k: clean(v) for k, v in total.items()}}, indent=2))
+    if args.json:  # identical videos are null
+        print(json.dumps({"rows": [json_safe(asdict(r)) for r in rows], "summary": json_safe(total)}, indent=2))
         return 0
     for r in rows:
         print(f"{r.psnr_db:7.2f} dB  {r.prompt!r}")

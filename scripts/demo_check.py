@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.quality import compare, run_videos  # noqa: E402
+from launcher.quality import compare, json_safe, run_videos  # noqa: E402
 from launcher.video import read_video_frames  # noqa: E402
 from models.demo import grammar  # noqa: E402
 
@@ -77,8 +77,7 @@ def main(argv=None) -> int:
           + (f" (held-out: colour {acc['held_out']['colour']:.0%}, motion {acc['held_out']['motion']:.0%})"
              if "held_out" in acc else ""))
     if args.json is not None:
-        clean = [{k: (None if isinstance(v, float) and v == float("inf") else v) for k, v in r.items()} for r in rows]
-        args.json.write_text(json.dumps({"rows": clean, "accuracy": acc}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": [json_safe(r) for r in rows], "accuracy": acc}, indent=2) + "\n")
     return 0 if acc["colour"] >= args.min_colour and acc["motion"] >= args.min_motion else 1
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.quality import compare, summary  # noqa: E402
+from launcher.quality import compare, json_safe, summary  # noqa: E402
 from models.demo import grammar  # noqa: E402
 
 # (name, ranks, generate arguments)
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         rows.append({"variant": name, "ranks": ranks, "psnr_db_mean": s["psnr_db_mean"], "psnr_db_min": s["psnr_db_min"],
                      "identical": s["identical"], "grammar_colour": acc["colour"], "grammar_motion": acc["motion"]})
         print(json.dumps(rows[-1]), flush=True)
-    clean = [{k: (None if isinstance(v, float) and v == float("inf") else v) for k, v in r.items()} for r in rows]
+    clean = [json_safe(r) for r in rows]
     (args.out / "demo_quality.json").write_text(json.dumps({"device": args.device, "prompts": args.prompts,
                                                            "rows": clean}, indent=2) + "\n")
     fmt = lambda x: "-" if x is None else ("identical" if x == float("inf") else f"{x:.1f}")  # noqa: E731
