@@ -143,11 +143,14 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _negative_prompt(args: argparse.Namespace, family) -> str | None:
-    """--negative-prompt (stripped, as the release does), else the family's default when classic
-    CFG is on (--cfg-scale != 1), else None."""
+    """--negative-prompt (stripped, as the release does), else the preset's or the family's default
+    when classic CFG is on (--cfg-scale != 1), else None."""
     if args.negative_prompt is not None:
         return args.negative_prompt.strip()
-    return family.default_negative_prompt if _cfg_scale(args, family.defaults[args.preset]) != 1.0 else None
+    defaults = family.defaults[args.preset]
+    if _cfg_scale(args, defaults) == 1.0:
+        return None
+    return defaults.negative_prompt if defaults.negative_prompt is not None else family.default_negative_prompt
 
 
 def _cfg_scale(args, defaults) -> float:

@@ -93,10 +93,13 @@ def resolve_dtypes(cfg: RunConfig, device: torch.device, text_on_gpu: torch.dtyp
 
 def cfg_options(cfg: RunConfig, world: int) -> list[int]:
     """CFG degrees to try: the user's, else in parallel (2) when CFG is on and the ranks split
-    evenly, then one after the other (1) if the planner finds 2 does not fit."""
+    evenly (beside the --ulysses / --ring the user gave: `--ulysses 2` on 2 ranks means one
+    sequence-parallel group, CFG passes one after the other), then one after the other (1) if the
+    planner finds 2 does not fit."""
     if cfg.cfg_degree is not None:
         return [cfg.cfg_degree]
-    return [2, 1] if cfg.uses_cfg and world % (2 * cfg.dp) == 0 else [1]
+    sp = (cfg.ulysses or 1) * (cfg.ring or 1)
+    return [2, 1] if cfg.uses_cfg and world % (2 * cfg.dp * sp) == 0 else [1]
 
 
 def choose_topology(cfg: RunConfig, dit, table: TopologyTable, world: int, cfg_degree: int,

@@ -52,6 +52,7 @@ class PresetDefaults:
     flow_shift: float = 7.0
     guidance: float = 6.0  # embedded (distilled) guidance, for a family that has it
     cfg_scale: float = 1.0  # classic CFG (1 = off): Wan's release runs 5.0 with a negative prompt
+    negative_prompt: str | None = None  # this preset's negative prompt under CFG (None: the family's)
     fps: int = 24
     model_dir: Path | None = None  # weights shipped with the code: --model-dir when none is given
 

@@ -87,6 +87,22 @@ def test_cfg_scale_without_a_negative_prompt_uses_the_release_default():
     assert _cfg("--preset", "tiny", "--prompt", "x").negative_prompt is None  # no CFG: no negative pass
 
 
+def test_the_demo_preset_samples_with_cfg_against_the_empty_prompt_it_was_trained_on():
+    cfg = _cfg("--preset", "hunyuan-video-demo", "--prompt", "a red circle moves left")
+    assert cfg.uses_cfg and cfg.cfg_scale == 5.0 and cfg.negative_prompt == ""
+    assert _cfg("--preset", "hunyuan-video-demo", "--prompt", "x", "--cfg-scale", "1").negative_prompt is None
+
+
+@pytest.mark.parametrize("flags, world, options", [([], 2, [2, 1]), (["--ulysses", "2"], 2, [1]),
+                                                   (["--ring", "2"], 2, [1]), (["--ulysses", "2"], 4, [2, 1]),
+                                                   (["--cfg", "1"], 2, [1]), ([], 3, [1])])
+def test_cfg_in_parallel_only_where_the_given_degrees_leave_ranks_for_it(flags, world, options):
+    from launcher.resolve import cfg_options
+
+    cfg = _cfg("--preset", "tiny", "--prompt", "x", "--cfg-scale", "5", *flags)
+    assert cfg_options(cfg, world) == options
+
+
 @pytest.mark.parametrize("argv", [["generate"], ["plan", "--gpus", "2"], ["sweep"],
                                   ["slurm", "--nodes", "1", "--gpus-per-node", "1"]])
 def test_flags_are_never_abbreviated_and_typos_get_a_suggestion(capsys, argv):

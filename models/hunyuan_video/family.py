@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..demo import WEIGHTS_DIR as DEMO_WEIGHTS_DIR
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
 from ..tokens import build_dit
 from ..weights import init_random_
@@ -29,8 +30,11 @@ DEFAULTS = {
     "hunyuan-video-13b": PresetDefaults(height=720, width=1280, frames=129, steps=50),
     "hunyuan-video-2block": PresetDefaults(height=720, width=1280, frames=129, steps=50),
     "tiny": PresetDefaults(height=64, width=96, frames=9, steps=4),
-    # Trained with this shift, shown at 8 fps (scripts/train_demo.py; weights not shipped yet).
-    "hunyuan-video-demo": PresetDefaults(height=128, width=128, frames=17, steps=20, flow_shift=3.0, fps=8),
+    # Its weights ship with the code (models/demo/); trained with this shift, shown at 8 fps, and
+    # with 10% of captions dropped to "" so that classic CFG against the empty prompt works
+    # (scale 5 measured best: docs/DEMO_MODEL.md).
+    "hunyuan-video-demo": PresetDefaults(height=128, width=128, frames=17, steps=20, flow_shift=3.0, fps=8,
+                                         cfg_scale=5.0, negative_prompt="", model_dir=DEMO_WEIGHTS_DIR),
 }
 
 
@@ -172,5 +176,5 @@ FAMILY = ModelFamily(
     weight_files=weight_files,
     guidance="embedded",
     default_negative_prompt=NEGATIVE_PROMPT,
-    released=frozenset({"hunyuan-video-13b"}),
+    released=frozenset({"hunyuan-video-13b", "hunyuan-video-demo"}),
 )
