@@ -11,7 +11,7 @@ from models import ModelInputError
 from .cli import build_parser, run_config_from_args
 
 from .config import ConfigError
-from .pipeline import NonFiniteLatents
+from .pipeline import NonFiniteLatents, RankFailure
 from .slurm_env import apply_slurm_env
 
 
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NonFiniteLatents as err:  # the run diverged: say where, without a traceback
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RankFailure as err:  # one rank's own failure: its line, with its rank
+        print(f"error: [rank {os.environ.get('RANK', '0')}] {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal: one line, not N tracebacks
         if int(os.environ.get("RANK", "0")) == 0:

@@ -29,6 +29,7 @@ from parallel.placement import NodeShare, node_share_name
 from parallel.parallelize import SequenceShard, cfg_parallel_velocity, parallelize
 from parallel.backends import text_problem
 
+from . import faults as fault_injection
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
 from .memory_plan import NCCL_ALLOWANCE, MemoryPlan
@@ -41,13 +42,16 @@ log = logging.getLogger("launcher")
 
 @dataclass(frozen=True, kw_only=True)
 class Job(ResolvedJob):
-    """The resolved job on this rank (identical on every rank but for ``rank``)."""
+    """The resolved job on this rank (identical on every rank but for ``rank`` and the faults
+    ``LAUNCHER_FAULT`` injects into it)."""
 
     rank: int
+    faults: fault_injection.FaultPlan
 
     @classmethod
-    def on_rank(cls, resolved: ResolvedJob, rank: int) -> "Job":
-        return cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)}, rank=rank)
+    def on_rank(cls, resolved: ResolvedJob, rank: int, faults: tuple = ()) -> "Job":
+        return cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)}, rank=rank,
+                   faults=fault_injection.FaultPlan(faults, rank))
 
 
 def setup_logging(rank: int, world: int, all_ranks: bool) -> None:
@@ -61,6 +65,7 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.M
     """Every check that can reject the job (the resolver's, then the DiT checkpoint's keys and
     shapes); no collective. Returns the job and the DiT with its checkpoint assigned on the meta
     device (or None)."""
+    faults = fault_injection.from_env()  # a malformed LAUNCHER_FAULT is bad input like a flag
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     device = ph.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), local_world)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -70,7 +75,7 @@ def validate_job(cfg: RunConfig, rank: int, world: int) -> tuple[Job, torch.nn.M
     resolved = resolve_job(cfg, world=world, device=device, device_memory=total, gpus_per_node=per_node,
                            host_memory_per_rank=None if host is None else host // local_world)
     loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, resolved.dtype, resolved.memory.plan.placement.fp8)
-    return Job.on_rank(resolved, rank), loaded
+    return Job.on_rank(resolved, rank, faults), loaded
 
 
 def run_generate(cfg: RunConfig) -> list[Path]:
@@ -99,6 +104,8 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     finally:
         # After a failure other ranks may be inside a collective this rank never joins: a
         # graceful destroy would wait for them (until the timeout), so abort the communicators.
+        if failed and mesh is not None:
+            log.warning("rank %d failed: aborting its communicators; torchrun ends the other ranks", job.rank)
         teardown(abort=failed)
 
 
@@ -135,13 +142,14 @@ def _run(job: Job, loaded, mesh: ParallelMesh | None) -> list[Path]:
     try:
         _denoise_all(job, plan, loaded, conds, mesh, timer, writer.on_prompt(plan, None), done)
     except torch.OutOfMemoryError as err:
-        if job.memory.fallback is None:
-            raise
         oom = str(err).split("\n")[0]
+        if job.memory.fallback is None:
+            raise ph.RankFailure(f"{oom}; no lighter memory plan to fall back to ({job.memory.reason}): give a "
+                                 "smaller --max-gpu-memory for a lighter plan, or use more GPUs") from err
     if oom is not None:  # outside the except block, so the failed attempt's tensors are freed
         plan = job.memory.fallback
         writer.release()
-        _agree_after_oom(job, mesh)
+        _agree_after_oom(job, mesh, oom)
         log.warning("CUDA out of memory (%s); falling back once to: %s (estimate %.1f GiB per GPU)",
                     oom, plan.label, plan.peak / 2**30)
         loaded = ph.load_dit_weights(cfg.preset, cfg.model_dir, job.dtype, plan.placement.fp8)  # consumed
@@ -232,15 +240,26 @@ def _cap_memory(job: Job) -> None:
              job.memory.budget / 2**30, allowed / 2**30, (outside + NCCL_ALLOWANCE) / 2**30)
 
 
-def _agree_after_oom(job: Job, mesh: ParallelMesh | None) -> None:
-    """Every rank must have run out of memory at the same point (the usual case: the same shapes
-    on every rank) to fall back together; if one did not, it is still inside a collective and this
-    all-reduce fails at the job's timeout, which ends the job non-zero rather than hanging it."""
+OOM_AGREE_S = 30.0  # how long a rank that ran out of memory waits for the others to say they did too
+
+
+def _agree_after_oom(job: Job, mesh: ParallelMesh | None, oom: str) -> None:
+    """Fall back only together. Every rank that ran out of memory says so through the rendezvous
+    store and waits (up to ``OOM_AGREE_S``, or the job's timeout if shorter) for all of them to
+    say the same: the usual case, the same shapes failing at the same allocation on every rank.
+    A rank that did not run out is blocked inside a collective this one will never join, so it
+    cannot answer: the job then ends now, non-zero, instead of at the collective timeout."""
     gc.collect()
     if job.device.type == "cuda":
         torch.cuda.empty_cache()
-    if mesh is not None:
-        mesh.all_true(True)
+    if mesh is None:
+        return
+    wait = min(OOM_AGREE_S, job.cfg.timeout_s)
+    missing = mesh.flag_from_every_rank("out-of-memory", wait)
+    if missing:
+        raise ph.RankFailure(f"{oom}; rank(s) {', '.join(map(str, missing))} did not run out of memory within "
+                             f"{wait:.0f} s, and the fallback needs every rank: ending the job")
+    mesh.barrier()
 
 
 def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextConditioning], i: int, mesh):
@@ -257,6 +276,7 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
     else:
         velocity = guided_velocity(model, rope, cond, embedded_guidance=guidance, negative=negative,
                                    cfg_scale=cfg.cfg_scale)
+    velocity = job.faults.wrap(velocity)  # LAUNCHER_FAULT: fired at the start of a step
     size = (cfg.height, cfg.width, cfg.frames)
     noise = ph.noise_tokens(job.family, job.dit, size, cfg.seed + i, cfg.noise, device, job.text_dtype)
     tokens = shard.shard(noise).to(device)

@@ -22,6 +22,11 @@ class NonFiniteLatents(RuntimeError):
     """NaN or Inf appeared in the latents; the message names the step."""
 
 
+class RankFailure(RuntimeError):
+    """This rank cannot go on and says why in one line (an injected fault, an out-of-memory
+    error the other ranks did not share); the job ends non-zero."""
+
+
 def resolve_device(device: str, local_rank: int = 0, local_world: int = 1) -> torch.device:
     """--device (auto, cpu, cuda) -> this rank's device: one GPU per process of the node.
     Raises ConfigError (the same on every rank of the node) for cuda without GPUs, or for more

@@ -186,6 +186,21 @@ class ParallelMesh:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self._group(axes))
         return bool(ok.item())
 
+    def flag_from_every_rank(self, name: str, wait_s: float) -> list[int]:
+        """Set this rank's flag ``name`` in the rendezvous store and wait up to ``wait_s`` seconds
+        for every rank of the job to set its own; returns the ranks whose flag is missing. Not a
+        collective: for a rank that must ask the others while some may be blocked inside a
+        collective it will never join (those cannot answer, and their silence is the answer)."""
+        store = dist.distributed_c10d._get_default_store()
+        world = dist.get_world_size(self.world_group)
+        keys = [f"launcher/{name}/{r}" for r in range(world)]
+        store.set(keys[self.rank], "1")
+        try:
+            store.wait(keys, _as_timedelta(wait_s))
+            return []
+        except RuntimeError:  # DistStoreError: the wait timed out
+            return [r for r, key in enumerate(keys) if not store.check([key])]
+
     @property
     def sp_rank(self) -> int:
         return self.local_rank(MeshAxis.RING) * self.topology.ulysses + self.local_rank(MeshAxis.ULYSSES)

@@ -183,3 +183,99 @@ def test_a_killed_batch_keeps_the_videos_it_finished(tmp_path):
     assert files == ["a-red-fox_seed1.json", "a-red-fox_seed1.mp4"], files
     assert probe_video(out / "a-red-fox_seed1.mp4")["frames"] == 9
     assert json.loads((out / "a-red-fox_seed1.json").read_text())["prompt"] == "a red fox"
+
+
+# --- injected faults (LAUNCHER_FAULT) -------------------------------------------------------------
+
+
+def _strays(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (this test's output folder) still alive."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _run_with_fault(tmp_path, fault: str, nproc: int, *args, steps: int = 4):
+    out = tmp_path / "out"
+    cmd = torchrun(out, "--steps", str(steps), "--seed", "1", *args, nproc=nproc)
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "LAUNCHER_FAULT": fault})
+    return proc, time.monotonic() - start, out
+
+
+FAULTS = [  # (LAUNCHER_FAULT, ranks, what the job's stderr says)
+    ("1:2:exit", 2, "LAUNCHER_FAULT 1:2:exit: rank 1 at step 2: exiting with code 17"),
+    ("1:1:raise", 2, "error: [rank 1] LAUNCHER_FAULT 1:1:raise: rank 1 at step 1"),
+    ("1:3:oom", 2, "error: [rank 1] CUDA out of memory (LAUNCHER_FAULT 1:3:oom: rank 1 at step 3); no lighter"),
+    ("1:2:hang", 2, "LAUNCHER_FAULT 1:2:hang: rank 1 at step 2: hanging"),
+    ("3:1:exit", 4, "LAUNCHER_FAULT 3:1:exit: rank 3 at step 1: exiting with code 17"),
+    ("2:3:raise", 4, "error: [rank 2] LAUNCHER_FAULT 2:3:raise: rank 2 at step 3"),
+    ("1:2:oom", 4, "error: [rank 1] CUDA out of memory (LAUNCHER_FAULT 1:2:oom: rank 1 at step 2); no lighter"),
+    ("3:4:hang", 4, "LAUNCHER_FAULT 3:4:hang: rank 3 at step 4: hanging"),
+]
+
+
+@pytest.mark.parametrize("fault, nproc, said", FAULTS, ids=[f"{f}-{n}p" for f, n, _ in FAULTS])
+def test_an_injected_fault_on_one_rank_ends_the_job_and_leaves_nothing(tmp_path, fault, nproc, said):
+    """Any rank's failure, at any step: the job ends non-zero within 60 s (a hang: within the
+    collective timeout, 10 s here), says what happened, aborts, and leaves no file and no process."""
+    args = ["--timeout", "10"] + (["--ulysses", "2"] if nproc == 4 else [])
+    proc, took, out = _run_with_fault(tmp_path, fault, nproc, *args)
+    text = proc.stderr
+    assert proc.returncode != 0, text
+    assert said in text, text
+    assert took < 60, f"took {took:.0f} s"
+    if not fault.endswith("exit"):
+        assert "aborting its communicators" in text, text
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    assert _strays(str(out)) == []
+
+
+def test_a_malformed_fault_is_bad_input_on_every_rank(tmp_path):
+    proc, took, out = _run_with_fault(tmp_path, "1:two:exit", 2)
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    assert "LAUNCHER_FAULT='1:two:exit'" in errors[0] and "RANK is a rank or *, STEP a step from 1" in errors[0]
+
+
+def test_every_rank_out_of_memory_with_no_lighter_plan_ends_at_once_with_one_reason(tmp_path):
+    proc, took, out = _run_with_fault(tmp_path, "*:2:oom", 2, "--timeout", "60")
+    assert proc.returncode != 0 and took < 30, (took, proc.stderr)
+    assert "no lighter memory plan to fall back to" in proc.stderr, proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def _oom_flags(rank: int, world: int, out_of_memory: tuple[int, ...]):
+    from parallel.mesh import build_parallel_mesh
+    from parallel.topology import Topology
+
+    mesh = build_parallel_mesh(Topology(ulysses=world))
+    start = time.monotonic()
+    missing = mesh.flag_from_every_rank("out-of-memory", 3.0) if rank in out_of_memory else None
+    took = time.monotonic() - start
+    mesh.barrier()  # a rank that did not run out waits in a collective, as it would mid-step
+    return missing, took
+
+
+@pytest.mark.parametrize("world, out_of_memory", [(2, (1,)), (2, (0, 1)), (4, (0, 2)), (4, (0, 1, 2, 3))])
+def test_ranks_that_ran_out_of_memory_learn_at_once_whether_every_rank_did(world, out_of_memory):
+    """The agreement before an out-of-memory fallback goes through the store, not a collective:
+    a rank blocked in a collective cannot answer, and the ranks that ran out learn it within the
+    wait (3 s here), not at the collective timeout."""
+    from mp_util import run_ranks
+
+    results = run_ranks(_oom_flags, world_size=world, args=(out_of_memory,), timeout=60)
+    everyone = len(out_of_memory) == world
+    for rank, (missing, took) in enumerate(results):
+        if rank not in out_of_memory:
+            assert missing is None
+            continue
+        assert missing == ([] if everyone else sorted(set(range(world)) - set(out_of_memory)))
+        assert took < 1.5 if everyone else 2.5 < took < 10
