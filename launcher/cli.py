@@ -76,6 +76,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def add_benchmarking_args(p: argparse.ArgumentParser) -> None:
     from parallel.backends import BACKENDS
+    from parallel.kernels import KERNELS
 
     bench = p.add_argument_group("benchmarking")
     bench.add_argument("--topology", type=Path, dest="topology_file",
@@ -85,6 +86,10 @@ def add_benchmarking_args(p: argparse.ArgumentParser) -> None:
                        help="sequence-parallel attention: native (ours), xfuser (as the HunyuanVideo release runs it: "
                             "flash-attn, else torch's flash kernel), xfuser-cudnn (xfuser with torch's cuDNN at ring 1), "
                             "yunchang (USP); see parallel/backends.py")
+    bench.add_argument("--attention-kernel", default="auto", choices=("auto", *KERNELS),
+                       help="the native attention's local kernel (auto: cuDNN on Hopper when a probe agrees, else "
+                            "flash, else math); one that fails at run time gives way to the next on every rank "
+                            "(cudnn, fa3, fa2, flash, efficient, math), with a warning and a line in the record")
     bench.add_argument("--no-video", action="store_true",
                        help="skip the VAE: write the latents (.safetensors) and the JSON record only")
 
@@ -138,6 +143,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         prefetch=args.prefetch,
         topology_file=args.topology_file,
         attention=args.attention,
+        attention_kernel=args.attention_kernel,
         no_video=args.no_video,
     )
 

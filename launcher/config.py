@@ -64,6 +64,7 @@ class RunConfig:
     # Benchmarking: another topology table, the SP attention backend, no VAE decode.
     topology_file: Path | None = None
     attention: str = "native"
+    attention_kernel: str = "auto"  # native only: parallel.kernels (a failing one falls back at run time)
     no_video: bool = False
 
     @property
@@ -172,6 +173,9 @@ def _validate_benchmarking(cfg: RunConfig) -> None:
         raise ConfigError(f"--topology {cfg.topology_file}: no such file")
     if cfg.attention not in BACKENDS:
         raise ConfigError(f"--attention {cfg.attention!r}; valid: {', '.join(BACKENDS)}")
+    if cfg.attention_kernel != "auto" and cfg.attention != "native":
+        raise ConfigError(f"--attention-kernel {cfg.attention_kernel} is for --attention native; "
+                          f"{cfg.attention} runs its own kernels")
     if cfg.no_video and cfg.save_grid:
         raise ConfigError("--save-grid needs the decoded video; it cannot go with --no-video")
 

@@ -185,7 +185,7 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
                                      _node_share(job, mesh))
     try:
         grid = job.token_grid
-        shard = parallelize(model, mesh, num_tokens=job.num_tokens, backend=cfg.attention)
+        shard = parallelize(model, mesh, num_tokens=job.num_tokens, backend=cfg.attention, kernel=cfg.attention_kernel)
         if shard.attention.backend == "model":  # one rank on the CPU: nothing to shard
             log.info("attention: the model's own SDPA (one sequence-parallel rank on the CPU)")
         else:
@@ -200,7 +200,7 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
             with timer.phase("denoise"):
                 tokens, step_s = denoise_one(job, model, shard, rope, conds, i, mesh)
             latents = ph.tokens_to_latents(job.family, job.dit, tokens.cpu(), (cfg.height, cfg.width, cfg.frames))
-            finished(i, latents, step_s, placed.host_kind, shard.attention)
+            finished(i, latents, step_s, placed.host_kind, shard.current_attention())
     finally:
         placed.close()
         del model
@@ -289,6 +289,7 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
             finite = bool(torch.isfinite(x).all()) if mesh is None else mesh.all_finite(x, SP_AXES)
             if not finite:
                 raise ph.NonFiniteLatents(f"NaN or Inf in the latents after denoising step {step + 1} of {cfg.steps}")
+            shard.agree_on_kernel(mesh)  # a kernel that failed on one rank: all ranks move on together
             marks.append(time.perf_counter())
             bar.update(1)
 

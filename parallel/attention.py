@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import gather_heads, heads_to_seq, post_heads_to_seq, post_seq_to_heads, seq_to_heads, unpack_heads
-from .kernels import Kernel, select_kernel
+from .kernels import Kernel, KernelChain, select_kernel
 from .local import TextKV, local_joint_attention  # noqa: F401 - re-exported
 from .ring import fold_attention, merge_text_over_ring, ring_attention
 from .sequence import SequenceParallel, shard_length, valid_in_chunk
@@ -177,7 +177,7 @@ class HybridAttention:
         self.fuse_text = fuse_text  # False: always the general path (A/B benchmarks, tests)
         self.head_chunks = _head_chunks(head_chunks)
         self.num_valid_tokens = num_valid_tokens
-        self._kernels: dict[tuple, tuple[str, Kernel]] = {}
+        self._kernels: dict[tuple, KernelChain] = {}
         self._calls = 0
 
     def set_valid_tokens(self, n: int | None) -> None:
@@ -190,11 +190,17 @@ class HybridAttention:
         """The kernel name this object uses for inputs like ``x`` [B, S, H, D]."""
         return self._kernel(x)[0]
 
+    @property
+    def kernel_chains(self) -> list[KernelChain]:
+        """The kernels in use (one per input device, dtype and head dim), each with its fallbacks."""
+        return list(self._kernels.values())
+
     def _kernel(self, x: torch.Tensor) -> tuple[str, Kernel]:
         key = (x.device, x.dtype, x.shape[-1])
         if key not in self._kernels:
-            self._kernels[key] = select_kernel(self.kernel_name, x.device, x.dtype, x.shape[-1])
-        return self._kernels[key]
+            self._kernels[key] = KernelChain(select_kernel(self.kernel_name, x.device, x.dtype, x.shape[-1])[0])
+        chain = self._kernels[key]
+        return chain.name, chain
 
     def _plan(self, img, txt, txt_lens) -> CallPlan:
         plan, error = check_inputs(img, txt, txt_lens, self.sp, self.num_valid_tokens)

@@ -36,9 +36,11 @@ class AttentionChoice:
     backend: str
     kernel: str
     note: str = ""
+    fallbacks: tuple = ()  # {"from", "to", "error"} per run-time kernel switch (parallel.kernels.KernelChain)
 
     def as_dict(self) -> dict:
-        return {"backend": self.backend, "kernel": self.kernel, "note": self.note or None}
+        return {"backend": self.backend, "kernel": self.kernel, "note": self.note or None,
+                "fallbacks": list(self.fallbacks)}
 
 
 def release_kernel() -> tuple[str, str]:

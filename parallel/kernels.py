@@ -18,10 +18,13 @@ call on this device agrees with "math", else flash, else math.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
 import torch
+
+log = logging.getLogger("launcher")
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -139,6 +142,48 @@ def auto_candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]
         return ("math",)
     hopper = torch.cuda.get_device_capability(device)[0] >= 9
     return ("cudnn", "flash", "math") if hopper else ("flash", "math")
+
+
+# What a kernel that fails at run time gives way to: the next of these after it (fa2 / fa3, when
+# they fail, to torch's flash kernel and on), down to math, which runs anywhere.
+FALLBACK_ORDER = ("cudnn", "fa3", "fa2", "flash", "efficient", "math")
+
+
+class KernelChain:
+    """A kernel that, when it raises at run time (a cuDNN execution failure, an unsupported
+    shape or device), runs the call again with the next kernel of :data:`FALLBACK_ORDER` and
+    keeps that one; it warns at each switch and keeps the switches in ``fallbacks``.
+
+    The switch happens inside one call on one rank (a kernel call is local, so the ranks stay in
+    step); the caller makes every rank use the same kernel afterwards by agreeing on the highest
+    ``level`` (the position in :data:`FALLBACK_ORDER`) over the ranks and calling :meth:`adopt`."""
+
+    def __init__(self, name: str):
+        self.level = FALLBACK_ORDER.index(name)
+        self.fallbacks: list[dict] = []  # {"from", "to", "error"}, in order
+
+    @property
+    def name(self) -> str:
+        return FALLBACK_ORDER[self.level]
+
+    def __call__(self, q, k, v, scale):
+        while True:
+            try:
+                return KERNELS[self.name](q, k, v, scale)
+            except (RuntimeError, NotImplementedError, ImportError) as err:
+                if self.name == "math":
+                    raise
+                self._switch(self.level + 1, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+
+    def adopt(self, level: int) -> None:
+        """Use the kernel at ``level`` (another rank's fallback), if it is further down."""
+        if level > self.level:
+            self._switch(level, "another rank's kernel failed")
+
+    def _switch(self, level: int, why: str) -> None:
+        old, self.level = self.name, level
+        self.fallbacks.append({"from": old, "to": self.name, "error": why})
+        log.warning("attention kernel %s gives way to %s (%s)", old, self.name, why)
 
 
 def select_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, Kernel]:

@@ -180,6 +180,12 @@ class ParallelMesh:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self._group(axes))
         return bool(ok.item())
 
+    def max_over(self, value: int, axes: Sequence[MeshAxis] | None = None) -> int:
+        """The largest ``value`` over the ranks of the group of ``axes`` (None: the job)."""
+        box = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self._group(axes))
+        return int(box.item())
+
     def all_finite(self, x: torch.Tensor, axes: Sequence[MeshAxis] | None = SP_AXES) -> bool:
         """Whether `x` is finite on every rank of the group of ``axes`` (so all stop together)."""
         ok = torch.isfinite(x).all().to(torch.int32).reshape(1)

@@ -10,7 +10,7 @@ combines their velocities with one all-gather per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -19,7 +19,7 @@ from .attention import HybridAttention
 from .backends import AttentionChoice, backend_problem, build_attention
 from .comm import all_gather_stacked
 from .kernels import select_kernel
-from .mesh import MeshAxis, ParallelMesh
+from .mesh import REPLICA_AXES, MeshAxis, ParallelMesh
 from .sequence import SequenceParallel, gather_tokens, shard_length, shard_tokens
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,6 +36,26 @@ class SequenceShard:
     sp: SequenceParallel
     num_tokens: int
     attention: AttentionChoice = AttentionChoice("model", "sdpa")
+    native: HybridAttention | None = None  # the native attention, whose kernels can fall back
+
+    def agree_on_kernel(self, mesh: ParallelMesh | None) -> None:
+        """Every rank on the same kernel: after a kernel failed on some rank (and that rank fell
+        back within its call), all adopt the furthest fallback. A collective of this rank's
+        replica (its cfg and SP ranks): call it on each of them at the same point (once a step)."""
+        chains = self.native.kernel_chains if self.native is not None else []
+        if mesh is None or not chains:
+            return
+        level = mesh.max_over(max(c.level for c in chains), REPLICA_AXES)
+        for chain in chains:
+            chain.adopt(level)
+
+    def current_attention(self) -> AttentionChoice:
+        """``attention`` with the kernel now in use and the run-time fallbacks so far."""
+        chains = self.native.kernel_chains if self.native is not None else []
+        if not chains:
+            return self.attention
+        return replace(self.attention, kernel=chains[0].name,
+                       fallbacks=tuple(f for c in chains for f in c.fallbacks))
 
     @property
     def local_tokens(self) -> int:
@@ -59,7 +79,8 @@ def parallelize(model, mesh: ParallelMesh | None, *, num_tokens: int, backend: s
     `backend`: one of `parallel.backends.BACKENDS` (the anchors need SP > 1 and CUDA or their
     package; `backend_problem` checks that first). `kernel`: "auto" or a `parallel.kernels` name
     for native; "auto" only for the anchors (each runs its own, see `parallel/backends.py`).
-    With no mesh or an SP group of one, on the CPU the model keeps its own SDPA; on CUDA it runs
+    With no mesh or an SP group of one, on the CPU the model keeps its own SDPA (unless a kernel
+    is named); on CUDA it runs
     the kernel the native path selects (cuDNN on Hopper), so 1-GPU baselines use the best kernel
     rather than whatever SDPA's dispatcher picks for a masked call."""
     sp = SequenceParallel.single() if mesh is None or mesh.sp_size == 1 else SequenceParallel.from_mesh(mesh)
@@ -69,13 +90,13 @@ def parallelize(model, mesh: ParallelMesh | None, *, num_tokens: int, backend: s
         if problem is not None:
             raise ValueError(problem)
         attn, choice = build_attention(backend, sp, num_tokens=num_tokens, device_type=param.device.type)
-    elif sp.sp_size == 1 and param.device.type != "cuda":
+    elif sp.sp_size == 1 and param.device.type != "cuda" and kernel == "auto":
         return SequenceShard(sp, num_tokens, AttentionChoice("model", "sdpa"))
     else:
         name, _ = select_kernel(kernel, param.device, param.dtype, model.config.head_dim)
         attn, choice = HybridAttention(sp, num_valid_tokens=num_tokens, kernel=name), AttentionChoice("native", name)
     model.set_attention(attn)
-    return SequenceShard(sp, num_tokens, choice)
+    return SequenceShard(sp, num_tokens, choice, attn if isinstance(attn, HybridAttention) else None)
 
 
 def cfg_parallel_velocity(own: Velocity, mesh: ParallelMesh, combine: Callable) -> Velocity:

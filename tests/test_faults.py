@@ -279,3 +279,58 @@ def test_ranks_that_ran_out_of_memory_learn_at_once_whether_every_rank_did(world
             continue
         assert missing == ([] if everyone else sorted(set(range(world)) - set(out_of_memory)))
         assert took < 1.5 if everyone else 2.5 < took < 10
+
+
+@pytest.mark.parametrize("nproc, flags", [(1, []), (2, []), (4, ["--ulysses", "2"])])
+def test_an_attention_kernel_failing_at_run_time_falls_back_on_every_rank(tmp_path, nproc, flags):
+    """--attention-kernel efficient on the CPU raises at its first call (no CPU implementation):
+    every rank moves to math together, warns, records the switch, and the latents equal a run
+    on math from the start."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for kernel in ("efficient", "math"):
+        out = tmp_path / kernel
+        args = ["--attention-kernel", kernel, "--seed", "1", "--no-video", *flags]
+        cmd = torchrun(out, *args, nproc=nproc) if nproc > 1 else [
+            sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "a red fox", "--steps", "2",
+            "--device", "cpu", "--output-dir", str(out), *args]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        record = json.loads(next(out.glob("*.json")).read_text())
+        runs[kernel] = (proc.stderr, record, load_file(str(next(out.glob("*.safetensors")))))
+    stderr, record, latents = runs["efficient"]
+    assert "attention kernel efficient gives way to math (NotImplementedError" in stderr
+    assert record["attention"]["kernel"] == "math"
+    assert [(f["from"], f["to"]) for f in record["attention"]["fallbacks"]] == [("efficient", "math")]
+    assert runs["math"][1]["attention"]["fallbacks"] == []
+    assert all(torch.equal(latents[k], runs["math"][2][k]) for k in latents)
+
+
+def _one_rank_kernel_fails(rank: int, world: int):
+    from parallel import kernels
+    from parallel.attention import HybridAttention
+    from parallel.backends import AttentionChoice
+    from parallel.mesh import build_parallel_mesh
+    from parallel.parallelize import SequenceShard
+    from parallel.sequence import SequenceParallel
+    from parallel.topology import Topology
+
+    if rank == 0:  # here "efficient" works (math under its name); on rank 1 it raises, as on any CPU
+        kernels.KERNELS["efficient"] = kernels.math_attention
+    mesh = build_parallel_mesh(Topology(ulysses=world))
+    sp = SequenceParallel.from_mesh(mesh)
+    attn = HybridAttention(sp, num_valid_tokens=8 * world, kernel="efficient")
+    q = torch.randn(1, 8, 2 * world, 16, generator=torch.Generator().manual_seed(rank))
+    attn(q, q, q)
+    before = attn.kernel_chains[0].name
+    shard = SequenceShard(sp, 8 * world, AttentionChoice("native", "efficient"), attn)
+    shard.agree_on_kernel(mesh)
+    return before, shard.current_attention().kernel
+
+
+def test_a_kernel_failing_on_one_rank_moves_every_rank_at_the_next_agreement():
+    from mp_util import run_ranks
+
+    results = run_ranks(_one_rank_kernel_fails, world_size=2, timeout=60)
+    assert results == [("efficient", "math"), ("math", "math")]

@@ -149,3 +149,32 @@ def test_gpu_fused_merge_equals_the_eager_merge():
     fused = merge_blocks(outs, lses, torch.bfloat16)
     eager = _merge_blocks_eager(outs, lses, torch.bfloat16)
     assert fused.dtype == torch.bfloat16 and rel(fused.float(), eager.float()) < 4e-3
+
+
+# --- run-time fallback (CPU: every fused kernel raises here, a real failure) ------------------------
+
+
+def test_a_kernel_that_raises_gives_way_down_to_math_with_the_same_result(caplog):
+    """On the CPU the fused kernels raise (NotImplementedError for the device, ImportError for
+    flash-attn): a chain starting at cuDNN ends on math within the first call, warns at each
+    switch, keeps the switches, and returns what math returns."""
+    q, k, v = rand(1, 24, 2, 16, seed=1), rand(1, 40, 2, 16, seed=2), rand(1, 40, 2, 16, seed=3)
+    chain = kernels.KernelChain("cudnn")
+    with caplog.at_level("WARNING", logger="launcher"):
+        out, lse = chain(q, k, v, 0.25)
+    ref_out, ref_lse = math_attention(q, k, v, 0.25)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert chain.name == "math" and [f["to"] for f in chain.fallbacks] == ["fa3", "fa2", "flash", "efficient", "math"]
+    assert len([r for r in caplog.records if "gives way to" in r.message]) == 5
+    chain(q, k, v, 0.25)  # later calls run math directly: no new switch
+    assert len(chain.fallbacks) == 5
+
+
+def test_math_failing_is_not_swallowed_and_adopt_moves_only_down():
+    chain = kernels.KernelChain("efficient")
+    chain.adopt(kernels.FALLBACK_ORDER.index("flash"))  # behind it: ignored
+    assert chain.name == "efficient" and chain.fallbacks == []
+    chain.adopt(kernels.FALLBACK_ORDER.index("math"))
+    assert chain.name == "math" and chain.fallbacks[-1]["error"] == "another rank's kernel failed"
+    with pytest.raises(RuntimeError):
+        chain(rand(1, 4, 2, 8), rand(1, 4, 2, 16), rand(1, 4, 2, 16), 0.25)  # bad shapes: math raises
