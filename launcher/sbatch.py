@@ -53,7 +53,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-{{omp_threads}}}
 PYTHON=${PYTHON:-python3}
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-OUT={{output_dir}}/"$SLURM_JOB_ID"
+{{out_line}}
 mkdir -p "$OUT"
 echo "job $SLURM_JOB_ID: $SLURM_NNODES node(s) x {{nproc}}, rendezvous $HEAD:$PORT, outputs in $OUT"
 
@@ -123,6 +123,17 @@ def _arg_lines(args: tuple[str, ...]) -> str:
     return " \\\n    ".join(" ".join(shlex.quote(a) for a in g) for g in groups)
 
 
+def _out_line(job: SbatchJob) -> str:
+    """Where the job writes: a folder per submission, or with --skip-existing one folder for all
+    of them, so that a resubmitted (preempted, timed-out) job continues where it stopped."""
+    folder = shlex.quote(job.output_dir)
+    if "--skip-existing" in job.generate_args:
+        return ("# --skip-existing: every submission writes here and skips the prompts already done, so\n"
+                "# `sbatch` this file again after a preemption or a time limit and it continues.\n"
+                f"OUT={folder}")
+    return f'OUT={folder}/"$SLURM_JOB_ID"'
+
+
 def render_sbatch(job: SbatchJob) -> str:
     """The batch file's text."""
     values = {
@@ -142,7 +153,7 @@ def render_sbatch(job: SbatchJob) -> str:
         "command": re.sub(r"[\r\n]+", " ", job.command),  # one comment line, whatever the prompt holds
         "ulysses": job.ulysses,
         "omp_threads": max(1, job.cpus_per_task // job.procs_per_node),
-        "output_dir": shlex.quote(job.output_dir),
+        "out_line": _out_line(job),
         "generate_args": _arg_lines(job.generate_args),
     }
     # One pass: text filled in (a prompt holding "{{time}}", say) is never substituted again.

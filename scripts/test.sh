@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command (CI runs it through .ci/run): set up .venv on a fresh machine, run the suite.
-# Usage: scripts/test.sh [pytest args...]
+# Usage: scripts/test.sh [--fast] [pytest args...]
+#   --fast: the quick tier (no multi-process, Slurm or slow tests; about a minute on 2 cores),
+#           for the edit-test loop; CI runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -9,6 +11,10 @@ scripts/setup_env.sh
 # packages is opt-in (CI opts in through .ci/run): VIDEODIT_INSTALL_SLURM=1 scripts/test.sh.
 if [ "${VIDEODIT_INSTALL_SLURM:-0}" = 1 ]; then
   scripts/setup_slurm.sh  # never fatal
+fi
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  set -- -m "not multiprocess and not slurm and not slow" "$@"
 fi
 set +e
 "$VENV/bin/python" -m pytest -q -ra "$@"

@@ -162,7 +162,7 @@ def train_vae(vae: HunyuanVideoVAE, args, dev: torch.device, out: Path) -> None:
 def reconstruction_check(vae: HunyuanVideoVAE, dev: torch.device, count: int = 20) -> dict:
     """The read-back on the VAE's reconstructions of the check prompts' videos: what the DiT can
     reach at best."""
-    caps = grammar.check_prompts(count)
+    caps = grammar.check_prompts(count)[:count]
     x = grammar.render(caps, seed=123, device=dev)
     with autocast(dev):
         rec = vae.decode_tile(vae.encode_tile(x).float().chunk(2, dim=1)[0]).float()

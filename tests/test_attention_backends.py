@@ -106,6 +106,7 @@ def test_single_process_native_attention_equals_the_models_sdpa():
     assert out_txt[1, 3:].abs().max() == 0
 
 
+@pytest.mark.slow
 def test_no_video_writes_latents_and_a_record_only(tmp_path):
     cmd = [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "a cat", "--steps", "2",
            "--seed", "4", "--no-video", "--device", "cpu", "--output-dir", str(tmp_path)]
@@ -114,5 +115,5 @@ def test_no_video_writes_latents_and_a_record_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-cat_seed4.json", "a-cat_seed4.latents.safetensors"]
     record = json.loads((tmp_path / "a-cat_seed4.json").read_text())
     assert record["outputs"]["video"] is None and "vae_decode" not in record["timings_s"]
-    assert record["attention"] == {"backend": "model", "kernel": "sdpa", "note": None}
+    assert record["attention"] == {"backend": "model", "kernel": "sdpa", "note": None, "fallbacks": []}
     assert record["topology_table"].endswith("configs/topology/hunyuan_video.yaml")

@@ -170,6 +170,7 @@ def run_plan(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_plan_predict_prints_every_topology_and_marks_the_choice():
     out = run_plan("--gpus", "4", "--size", "720x1280", "--frames", "129", "--predict")
     assert out.returncode == 0, out.stderr
@@ -180,6 +181,7 @@ def test_plan_predict_prints_every_topology_and_marks_the_choice():
     assert f"{len(ROWS)} measured steps on NVIDIA H200" in text
 
 
+@pytest.mark.slow
 def test_plan_predict_json_across_nodes_states_its_assumptions():
     out = run_plan("--nodes", "2", "--gpus-per-node", "8", "--predict", "--json")
     assert out.returncode == 0, out.stderr
@@ -196,11 +198,13 @@ def test_plan_predict_json_across_nodes_states_its_assumptions():
     (("--gpus", "8", "--nodes", "2", "--gpus-per-node", "2"), "= 4"),
     (("--gpus", "2", "--predict", "--gpu-kind", "Tesla K80"), "no calibration for Tesla K80"),
 ])
+@pytest.mark.slow
 def test_plan_predict_bad_input_is_one_message(args, message):
     out = run_plan(*args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_calibrate_command_writes_the_committed_rates(tmp_path):
     out = tmp_path / "cal.yaml"
     proc = subprocess.run([sys.executable, "-m", "launcher", "calibrate", "--out", str(out)], cwd=ROOT,
@@ -219,6 +223,7 @@ def test_calibrate_command_writes_the_committed_rates(tmp_path):
             assert written[key] == value, key
 
 
+@pytest.mark.slow
 def test_sweep_fills_unmeasured_gpu_counts_from_predictions_marked_as_such(tmp_path):
     from parallel.topology import load_topology_table
 
@@ -234,6 +239,7 @@ def test_sweep_fills_unmeasured_gpu_counts_from_predictions_marked_as_such(tmp_p
     assert "predicted (not measured) fastest" in json.loads(plan.stdout)["chosen"]["reason"]
 
 
+@pytest.mark.slow
 def test_scaling_doc_holds_the_tables_the_script_prints():
     out = subprocess.run([sys.executable, str(ROOT / "scripts/scaling_report.py")], capture_output=True, text=True,
                          timeout=120)

@@ -91,6 +91,7 @@ def test_a_toy_family_runs_generate_on_one_and_two_processes(tmp_path):
     assert next(par.glob("*.mp4")).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_toy_family_plans_and_refuses_bad_input():
     env = _env()
     run = [sys.executable, "-m", "launcher", "plan", "--preset", "toy-dit", "--gpus", "4", "--json"]

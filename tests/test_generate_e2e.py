@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_checkpoints import write_release_ckpts
@@ -24,6 +25,7 @@ def _generate(tmp_path, *extra):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_writes_video_record_latents_and_grid(tmp_path):
     from launcher.video import probe_video
 
@@ -53,6 +55,7 @@ def test_generate_writes_video_record_latents_and_grid(tmp_path):
     assert video.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_generate_from_a_release_layout_model_dir(tmp_path):
     from launcher.video import probe_video
 
@@ -78,6 +81,7 @@ def test_generate_from_a_release_layout_model_dir(tmp_path):
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_in_model_dir_exits_2_with_the_file_named(tmp_path):
     ckpts = tmp_path / "ckpts"
     dit = write_release_ckpts(ckpts)
@@ -91,6 +95,7 @@ def test_bad_checkpoint_in_model_dir_exits_2_with_the_file_named(tmp_path):
     assert not list((tmp_path / "out").glob("*.mp4"))
 
 
+@pytest.mark.slow
 def test_the_record_says_where_and_from_what_it_ran(tmp_path):
     proc = _generate(tmp_path, "--no-video")
     assert proc.returncode == 0, proc.stderr
@@ -103,6 +108,7 @@ def test_the_record_says_where_and_from_what_it_ran(tmp_path):
     assert "wrote" in proc.stderr and "steps in" in proc.stderr and "GiB host memory per rank" in proc.stderr
 
 
+@pytest.mark.slow
 def test_skip_existing_resumes_a_killed_batch(tmp_path):
     """A resubmitted job over a prompts file: prompts with a record (written last) are skipped and
     left untouched; a video without its record (the job was killed in between) is made again."""

@@ -39,6 +39,7 @@ def test_plan_from_a_folder_with_its_own_models_package(tmp_path):
     assert json.loads(run.stdout)["model"] == "tiny"
 
 
+@pytest.mark.slow
 def test_generate_under_torchrun_from_a_folder_with_its_own_models_package(tmp_path):
     here = _decoy_project(tmp_path / "project")
     out = tmp_path / "out"

@@ -52,6 +52,7 @@ def installed(tmp_path_factory) -> Path:
     return py
 
 
+@pytest.mark.slow
 def test_installed_wheel_plans_and_generates_from_another_directory(installed, tmp_path):
     where = subprocess.run([str(installed), "-c", "import launcher, models.configs as c; "
                             "print(launcher.__file__); print(c.config_dir())"],

@@ -113,6 +113,7 @@ def test_parse_memory_rejects(text):
         parse_memory(text)
 
 
+@pytest.mark.slow
 def test_plan_command_reports_the_placement():
     proc = subprocess.run([sys.executable, "-m", "launcher", "plan", "--gpus", "4", "--max-gpu-memory", "24GiB", "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -124,6 +125,7 @@ def test_plan_command_reports_the_placement():
     assert proc.returncode == 2 and "nothing fits" in proc.stderr
 
 
+@pytest.mark.slow
 def test_generate_rejects_bad_memory_flags(tmp_path):
     base = [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "x", "--output-dir", str(tmp_path)]
     for extra, msg in ((["--fp8", "fast"], "--fp8"), (["--fp8", "auto"], "budget"),

@@ -84,6 +84,16 @@ def test_rule_override_is_explained(capsys):
     assert "largest ulysses dividing 24 heads and 4 GPUs per node (8x2 would span nodes)" in comment
 
 
+def test_skip_existing_jobs_write_one_folder_so_a_resubmission_continues(capsys):
+    text = render(capsys, "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--preset", "tiny",
+                  "--seed", "7", "--skip-existing", "--output-dir", "batch 1")
+    bash_n(text)
+    assert "OUT='batch 1'\n" in text and '$SLURM_JOB_ID"\nmkdir' not in text
+    assert "--skip-existing" in generate_argv(text) and "sbatch` this file again" in text
+    plain = render(capsys, "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--preset", "tiny")
+    assert "OUT=outputs/\"$SLURM_JOB_ID\"" in plain  # without it: a folder per submission
+
+
 def test_cpu_job_requests_no_gpus_and_passes_flags_through(capsys, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")

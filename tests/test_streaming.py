@@ -154,6 +154,7 @@ def test_generate_streaming_two_ranks_share_one_host_copy(tmp_path):
     assert not {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("launcher-")}, "store left behind"
 
 
+@pytest.mark.slow
 def test_generate_streaming_single_process_is_exact(tmp_path):
     plain, streamed = tmp_path / "plain", tmp_path / "streamed"
     for out, extra in ((plain, ()), (streamed, ("--stream-blocks", "4", "--prefetch", "2"))):
@@ -163,6 +164,7 @@ def test_generate_streaming_single_process_is_exact(tmp_path):
     assert _record(streamed)["memory"]["host_store"] == "pageable"
 
 
+@pytest.mark.slow
 def test_out_of_memory_falls_back_once_and_says_so(tmp_path, monkeypatch):
     """The first placement runs out of memory: the job rebuilds the DiT with the fallback plan,
     finishes, logs it and records it; the latents equal a plain run's."""
@@ -209,6 +211,7 @@ def _tiny_shape(dit):
                     cfg_degree=1, ulysses=1, ring=1, text_llm=False)
 
 
+@pytest.mark.slow
 def test_fp8_blocks_stream_like_any_other():
     """FP8 storage with every block streamed computes exactly what FP8 resident does, and stays
     within FP8's error of the plain model (tolerance as tests/test_fp8.py states for the DiT)."""
@@ -232,6 +235,7 @@ def test_fp8_blocks_stream_like_any_other():
         placed.close()
 
 
+@pytest.mark.slow
 def test_generate_fp8_from_a_release_model_dir(tmp_path):
     """--fp8 storage quantises the release's bf16 checkpoint while loading it; the run finishes
     and its latents stay near the bf16 run's."""

@@ -220,6 +220,7 @@ def test_a_configuration_past_its_timeout_is_killed_and_recorded(tmp_path):
     assert row["status"] == "timeout" and row["exit_code"] is not None and "killed after" in row["error"]
 
 
+@pytest.mark.slow
 def test_dry_run_lists_the_commands(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launcher", "sweep", "--sweep", "configs/sweeps/hunyuan_video_4gpu.yaml",
                            "--dry-run", "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,

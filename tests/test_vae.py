@@ -240,6 +240,7 @@ def test_decoder_is_causal_apart_from_groupnorm():
 # Bounds are precision-limited: bf16 keeps 8 mantissa bits, fp16 11, and the error compounds over
 # ~30 random-weight layers (measured here: 2.2e-2 bf16, 3.4e-3 fp16). GroupNorm already
 # accumulates in fp32 inside torch; upcasting it explicitly was measured to change nothing.
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 6e-2), (torch.float16, 1e-2)])
 def test_half_precision_decode(tiny_vae, dtype, bound):
     z = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(2))

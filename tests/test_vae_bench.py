@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_vae_memory.py"
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [

@@ -121,6 +121,7 @@ def vae64(vae) -> HunyuanVideoVAE:
     return copy.deepcopy(vae).double()
 
 
+@pytest.mark.slow
 def test_single_tile_equals_untiled_bitwise(vae):
     z = torch.randn(1, 16, 5, 3, 4)
     with torch.no_grad():
@@ -133,6 +134,7 @@ def test_single_tile_equals_untiled_bitwise(vae):
     assert torch.equal(vae.decode(z, tiling=fits), vae.decode(z))
 
 
+@pytest.mark.slow
 def test_spatial_tiling_is_exact_on_spatially_constant_latents(vae64):
     # Varies in time and channels, constant in H and W: every spatial tile sees the same statistics.
     z = torch.randn(1, 16, 3, 1, 1, dtype=torch.float64).expand(1, 16, 3, 7, 5).contiguous()
@@ -142,6 +144,7 @@ def test_spatial_tiling_is_exact_on_spatially_constant_latents(vae64):
     torch.testing.assert_close(tiled, full, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_temporal_tiling_is_exact_on_time_constant_latents(vae64):
     # Varies in space and channels, constant in time: every window sees the same statistics.
     z = torch.randn(1, 16, 1, 3, 4, dtype=torch.float64).expand(1, 16, 9, 3, 4).contiguous()
@@ -151,6 +154,7 @@ def test_temporal_tiling_is_exact_on_time_constant_latents(vae64):
     torch.testing.assert_close(tiled, full, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_tiled_encode_runs_on_the_network(vae64):
     x = (
         torch.randn(1, 3, 1, 1, 1, dtype=torch.float64).expand(1, 3, 1, 48, 40).contiguous()

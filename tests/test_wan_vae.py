@@ -132,6 +132,7 @@ def test_half_precision_decode(pair, dtype):
 # ---- (b) tiled decode ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiled_decode_matches_diffusers_and_untiled(pair):
     ours, ref = pair
     z = latents((1, 16, 3, 12, 20), seed=2)
@@ -155,6 +156,7 @@ def test_tiled_decode_matches_diffusers_and_untiled(pair):
     assert (got - full).abs().mean() < 0.4 * (unrelated - full).abs().mean()
 
 
+@pytest.mark.slow
 def test_tiling_presets_and_small_latents(pair):
     ours, _ = pair
     assert DEFAULT_TILING == "tiles" and TILING_PRESETS["tiles"].pixels() == (256, 192)
