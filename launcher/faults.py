@@ -8,7 +8,8 @@ rank fails: ``LAUNCHER_FAULT=RANK:STEP:KIND[,RANK:STEP:KIND...]``, read once at 
 - KIND: ``exit`` (the process dies at once, exit code ``EXIT_CODE``, no cleanup: a crash),
   ``raise`` (an exception: the error path, communicators aborted), ``oom`` (a simulated CUDA
   out-of-memory error: the out-of-memory path, see ``launcher.job``), ``hang`` (the rank stops
-  for good: the others fail at the collective timeout, ``--timeout``, and torchrun ends it).
+  for good: the others fail at the collective timeout, ``--timeout``, and torchrun ends it; a
+  single process has no collective to time out and hangs until it is killed).
 
 A malformed value is a usage error on every rank before any collective (exit 2).
 """
