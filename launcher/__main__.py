@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -13,6 +14,16 @@ from .cli import build_parser, run_config_from_args
 from .config import ConfigError
 from .pipeline import NonFiniteLatents, RankFailure
 from .slurm_env import apply_slurm_env
+
+
+class Terminated(BaseException):
+    """SIGTERM, what Slurm (preemption, time limit, scancel) and torchrun send to stop a job: raised
+    in the main thread so the job unwinds like Ctrl-C (temporary files removed, communicators
+    aborted) instead of dying mid-write. A BaseException, so that no `except Exception` stops it."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             from .job import run_generate
 
             apply_slurm_env()  # `srun python -m launcher generate` without torchrun
+            signal.signal(signal.SIGTERM, _terminated)
 
             cfg = run_config_from_args(args)
             for out in run_generate(cfg):
@@ -60,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print("interrupted (files are written whole or not at all)", file=sys.stderr)
         return 130
+    except Terminated:  # torchrun forwards SIGTERM to every rank: one line, 128 + 15 as a shell reports it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("terminated by SIGTERM (files are written whole or not at all)", file=sys.stderr)
+        return 143
     raise AssertionError(f"unhandled command {args.command}")
 
 

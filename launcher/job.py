@@ -105,7 +105,7 @@ def run_generate(cfg: RunConfig) -> list[Path]:
         # After a failure other ranks may be inside a collective this rank never joins: a
         # graceful destroy would wait for them (until the timeout), so abort the communicators.
         if failed and mesh is not None:
-            log.warning("rank %d failed: aborting its communicators; torchrun ends the other ranks", job.rank)
+            log.warning("rank %d ends early: aborting its communicators; torchrun ends the other ranks", job.rank)
         teardown(abort=failed)
 
 
