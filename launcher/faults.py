@@ -2,9 +2,9 @@
 rank fails: ``LAUNCHER_FAULT=RANK:STEP:KIND[,RANK:STEP:KIND...]``, read once at start.
 
 - RANK: a global rank, or ``*`` for every rank.
-- STEP: the denoising step (1-based, of the first prompt this rank denoises; counted over the
-  whole job, so a fallback's retry counts on) at whose start the fault fires, inside the step,
-  where the other ranks are on their way into its collectives.
+- STEP: the denoising step (from 1, counted over the whole job: a second prompt's first step
+  comes after the first prompt's last, and a fallback's retry counts on) at whose start the
+  fault fires, inside the step, where the other ranks are on their way into its collectives.
 - KIND: ``exit`` (the process dies at once, exit code ``EXIT_CODE``, no cleanup: a crash),
   ``raise`` (an exception: the error path, communicators aborted), ``oom`` (a simulated CUDA
   out-of-memory error: the out-of-memory path, see ``launcher.job``), ``hang`` (the rank stops

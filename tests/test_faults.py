@@ -24,6 +24,33 @@ def torchrun(out: Path, *args, nproc: int = 2, prompt=("--prompt", "a red fox"))
             "--output-dir", str(out), *args]
 
 
+def one_process(out: Path, *args):
+    """The same run as `torchrun` without torchrun."""
+    return [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "a red fox", "--device", "cpu",
+            "--output-dir", str(out), *args]
+
+
+def signal_mid_denoise(cmd: list[str], sig: int) -> tuple[int, str, float]:
+    """Start `cmd`, send `sig` once its denoising loop runs: (exit code, output, seconds from the
+    signal to the exit)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:  # wait until the loop runs
+        lines.append(line)
+        if "attention:" in line:
+            break
+    time.sleep(2)
+    assert proc.poll() is None, "".join(lines)
+    proc.send_signal(sig)
+    sent = time.monotonic()
+    rest, _ = proc.communicate(timeout=60)
+    return proc.returncode, "".join(lines) + rest, time.monotonic() - sent
+
+
+LONG = ("--steps", "400", "--size", "128x128", "--frames", "17")  # still denoising when signalled
+
+
 def _bad_prompts_file(tmp_path):
     f = tmp_path / "empty.txt"
     f.write_text("\n# only a comment\n")
@@ -142,20 +169,8 @@ def test_more_ranks_than_gpus_is_refused_with_a_message(tmp_path):
 
 def test_ctrl_c_ends_quietly(tmp_path):
     """SIGINT (what Ctrl-C sends) to a one-process run mid-denoise: one line, exit 130, no traceback."""
-    cmd = [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "a red fox", "--device", "cpu",
-           "--steps", "400", "--size", "128x128", "--frames", "17", "--output-dir", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in proc.stdout:  # wait until the loop runs
-        lines.append(line)
-        if "attention:" in line:
-            break
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
-    text = "".join(lines) + rest
-    assert proc.returncode == 130, text
+    rc, text, _ = signal_mid_denoise(one_process(tmp_path / "out", *LONG), signal.SIGINT)
+    assert rc == 130, text
     assert "interrupted" in text and "Traceback" not in text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -166,28 +181,13 @@ def test_sigterm_ends_the_job_within_the_grace_period_and_leaves_nothing(tmp_pat
     rank) mid-denoise: the job unwinds, says so once, exits non-zero (143 for one process) well
     within Slurm's default 30 s grace, and leaves no file, not even a temporary one."""
     out = tmp_path / "out"
-    cmd = torchrun(out, "--steps", "400", "--size", "128x128", "--frames", "17", nproc=nproc) if nproc > 1 else [
-        sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "a red fox", "--device", "cpu",
-        "--steps", "400", "--size", "128x128", "--frames", "17", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in proc.stdout:  # wait until the loop runs
-        lines.append(line)
-        if "attention:" in line:
-            break
-    time.sleep(2)
-    assert proc.poll() is None, "".join(lines)
-    proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    rest, _ = proc.communicate(timeout=60)
-    took = time.monotonic() - sent
-    text = "".join(lines) + rest
-    assert proc.returncode == (143 if nproc == 1 else proc.returncode) and proc.returncode != 0, text
+    cmd = torchrun(out, *LONG, nproc=nproc) if nproc > 1 else one_process(out, *LONG)
+    rc, text, took = signal_mid_denoise(cmd, signal.SIGTERM)
+    assert rc != 0 and (nproc > 1 or rc == 143), text
     assert took < 30, f"took {took:.0f} s"
     assert text.count("terminated by SIGTERM") == 1 and "Traceback" not in text.split("terminated by SIGTERM")[0]
     assert not out.exists() or not any(out.iterdir())
-    assert _strays(str(out)) == []
+    assert _strays(str(out)) == 0
 
 
 def test_a_killed_batch_keeps_the_videos_it_finished(tmp_path):
@@ -218,17 +218,12 @@ def test_a_killed_batch_keeps_the_videos_it_finished(tmp_path):
 # --- injected faults (LAUNCHER_FAULT) -------------------------------------------------------------
 
 
-def _strays(marker: str) -> list[int]:
-    """Processes whose command line holds ``marker`` (this test's output folder) still alive."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker.encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
+def _strays(marker: str) -> int:
+    """Processes still alive whose command line holds ``marker`` (this test's output folder)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from fault_matrix import strays
+
+    return strays(marker)
 
 
 def _run_with_fault(tmp_path, fault: str, nproc: int, *args, steps: int = 4):
@@ -265,7 +260,7 @@ def test_an_injected_fault_on_one_rank_ends_the_job_and_leaves_nothing(tmp_path,
     if not fault.endswith("exit"):
         assert "ends early: aborting its communicators" in text, text
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
-    assert _strays(str(out)) == []
+    assert _strays(str(out)) == 0
 
 
 def test_a_malformed_fault_is_bad_input_on_every_rank(tmp_path):
@@ -322,9 +317,7 @@ def test_an_attention_kernel_failing_at_run_time_falls_back_on_every_rank(tmp_pa
     for kernel in ("efficient", "math"):
         out = tmp_path / kernel
         args = ["--attention-kernel", kernel, "--seed", "1", "--no-video", *flags]
-        cmd = torchrun(out, *args, nproc=nproc) if nproc > 1 else [
-            sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "a red fox", "--steps", "2",
-            "--device", "cpu", "--output-dir", str(out), *args]
+        cmd = torchrun(out, *args, nproc=nproc) if nproc > 1 else one_process(out, "--steps", "2", *args)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
         record = json.loads(next(out.glob("*.json")).read_text())
