@@ -59,14 +59,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--fg-weight", type=float, default=16.0, help="VAE loss weight of the shape's pixels")
+    p.add_argument("--kl-weight", type=float, default=1e-6,
+                   help="VAE KL weight (per latent element, against the per-pixel reconstruction loss)")
     p.add_argument("--vae-minutes", type=float, default=None, help="stop the VAE phase after this long")
-    p.add_argument("--dataset", type=int, default=24576, help="videos rendered and encoded for the DiT")
+    p.add_argument("--dataset", type=int, default=32768, help="videos rendered and encoded for the DiT")
     p.add_argument("--dit-steps", type=int, default=12000)
     p.add_argument("--dit-batch", type=int, default=128)
     p.add_argument("--dit-lr", type=float, default=4e-4)
-    p.add_argument("--dit-minutes", type=float, default=None, help="stop the DiT phase after this long")
+    p.add_argument("--dit-minutes", type=float, default=None,
+                   help="the DiT phase's length in training time, over all runs that resume it")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="whole-run limit: the DiT phase ends early enough to write and check in time")
+                   help="this run's limit: the DiT phase pauses early enough to write and check in time "
+                        "(a rerun with the same --work continues it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT's training step (eager if it fails)")
+    p.add_argument("--throughput", action="store_true",
+                   help="measure VAE and DiT training steps/s (batch sizes, eager/compiled) and exit")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--check-steps", type=int, default=20, help="sampling steps of the final check")
@@ -81,21 +88,29 @@ def log(out: Path, **row) -> None:
 
 
 class Schedule:
-    """Linear warm-up, then cosine decay to a tenth of the peak over `steps` steps or `minutes`,
-    whichever ends first (so a time-limited phase still anneals)."""
+    """Linear warm-up, then cosine decay to a tenth of the peak over `steps` steps or `minutes` of
+    training, whichever ends first (so a time-limited phase still anneals). `elapsed_s` is the
+    phase's time in earlier runs (a resumed phase continues its schedule, not a new one);
+    `stop_minutes` ends this run's part early (a device call's budget) without shortening it."""
 
-    def __init__(self, steps: int, minutes: float | None, peak: float, warmup: int):
+    def __init__(self, steps: int, minutes: float | None, peak: float, warmup: int,
+                 elapsed_s: float = 0.0, stop_minutes: float | None = None):
         self.steps, self.peak, self.warmup, self.t0 = steps, peak, warmup, time.time()
-        self.deadline = None if minutes is None else self.t0 + 60 * minutes
+        self.minutes, self.elapsed_s = minutes, elapsed_s
+        self.stop_at = None if stop_minutes is None else self.t0 + 60 * stop_minutes
+
+    def seconds(self) -> float:
+        """Training time of the phase so far, earlier runs included."""
+        return self.elapsed_s + time.time() - self.t0
 
     def progress(self, step: int) -> float:
         frac = step / self.steps
-        if self.deadline is not None:
-            frac = max(frac, (time.time() - self.t0) / (self.deadline - self.t0))
+        if self.minutes is not None:
+            frac = max(frac, self.seconds() / (60 * self.minutes))
         return min(1.0, frac)
 
     def done(self, step: int) -> bool:
-        return self.progress(step) >= 1.0
+        return self.progress(step) >= 1.0 or (self.stop_at is not None and time.time() >= self.stop_at)
 
     def lr(self, step: int) -> float:
         if step < self.warmup:
@@ -125,9 +140,30 @@ def foreground_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 
+def vae_step(vae: HunyuanVideoVAE, opt, x: torch.Tensor, args):
+    """One VAE optimiser step on videos `x` `[B, 3, F, H, W]`; returns (loss, kl, rec, weights)."""
+    with autocast(x.device):
+        mean, logvar = vae.encode_tile(x).float().chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = vae.decode_tile(z).float()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+    w = foreground_weight(x, args.fg_weight)
+    loss = (w * ((rec - x).pow(2) + 0.5 * (rec - x).abs())).mean() / w.mean() + args.kl_weight * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt.step()
+    return loss, kl, rec, w
+
+
+def vae_optimizer(vae: HunyuanVideoVAE, lr: float):
+    return torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+
 def train_vae(vae: HunyuanVideoVAE, args, dev: torch.device, out: Path) -> None:
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = vae_optimizer(vae, args.vae_lr)
     caps, gen = grammar.training_captions(), torch.Generator().manual_seed(args.seed)
     t0, sched = time.time(), Schedule(args.vae_steps, args.vae_minutes, args.vae_lr, warmup=200)
     step = 0
@@ -135,18 +171,7 @@ def train_vae(vae: HunyuanVideoVAE, args, dev: torch.device, out: Path) -> None:
         for group in opt.param_groups:
             group["lr"] = sched.lr(step)
         x = grammar.render(pick(caps, args.vae_batch, gen), seed=args.seed * 1_000_003 + step, device=dev)
-        with autocast(dev):
-            mean, logvar = vae.encode_tile(x).float().chunk(2, dim=1)
-            logvar = logvar.clamp(-30.0, 20.0)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-            rec = vae.decode_tile(z).float()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        w = foreground_weight(x, args.fg_weight)
-        loss = (w * ((rec - x).pow(2) + 0.5 * (rec - x).abs())).mean() / w.mean() + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        loss, kl, rec, w = vae_step(vae, opt, x, args)
         step += 1
         if step % 250 == 1 or sched.done(step):
             err = (rec.detach().clamp(-1, 1) - x).pow(2)
@@ -221,15 +246,42 @@ def flow_batch(latents, ids, table, cfg, gen_dev, dev, batch: int, scaling: floa
     return xt, noise - x0, sigma * 1000, table.txt[cap], table.mask[cap], pooled
 
 
+def dit_step(forward, dit, ema, opt, batch, rope, ema_decay: float) -> torch.Tensor:
+    """One flow-matching step: `forward` is the DiT's call (compiled or not), `dit` its module
+    (clipping, EMA), `batch` from `flow_batch`, `rope` the (cos, sin) of the latents' token grid."""
+    xt, target, t, txt, mask, pooled = batch
+    patch = dit.config.patch_size
+    with autocast(xt.device):
+        v = forward(patchify(xt, patch), *rope, txt, mask, t, pooled)
+    loss = F.mse_loss(v.float(), patchify(target, patch))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(dit.parameters()), 1 - ema_decay)
+    return loss
+
+
+def dit_forward(dit, compile_: bool):
+    """The DiT's training call: `torch.compile`d when asked (one graph: the shapes never change)."""
+    if not compile_:
+        return dit
+    return torch.compile(dit)
+
+
+def dit_optimizer(dit, lr: float):
+    return torch.optim.AdamW(dit.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+
 def train_dit(dit, ema, latents, ids, scaling, args, dev, out: Path, work: Path) -> None:
     cfg = dit.config
     table = TextTable(grammar.training_captions(), cfg, dev)
     grid = tuple(n // p for n, p in zip(latents.shape[2:], cfg.patch_size))
-    cos, sin = dit.rope(grid)
-    cos, sin = cos.to(dev), sin.to(dev)
-    opt = torch.optim.AdamW(dit.parameters(), lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rope = tuple(r.to(dev) for r in dit.rope(grid))
+    opt = dit_optimizer(dit, args.dit_lr)
     gen_dev = torch.Generator(device=dev).manual_seed(args.seed + 2)
-    start = 0
+    start, elapsed = 0, 0.0
     ckpt = work / "dit.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=dev, weights_only=False)
@@ -237,37 +289,91 @@ def train_dit(dit, ema, latents, ids, scaling, args, dev, out: Path, work: Path)
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         gen_dev.set_state(state["gen"].cpu())
-        start = state["step"]
+        start, elapsed = state["step"], state.get("elapsed_s", 0.0)
         log(out, phase="dit", resumed_at=start)
-    t0, sched = time.time(), Schedule(args.dit_steps, args.dit_minutes, args.dit_lr, warmup=500)
+    t0 = time.time()
+    sched = Schedule(args.dit_steps, args.dit_minutes, args.dit_lr, warmup=500, elapsed_s=elapsed,
+                     stop_minutes=args.dit_stop_minutes)
     dit.train().requires_grad_(True)
+    forward = dit_forward(dit, args.compile)
     step = start
     for step in range(start, args.dit_steps):
         for group in opt.param_groups:
             group["lr"] = sched.lr(step)
-        xt, target, t, txt, mask, pooled = flow_batch(latents, ids, table, cfg, gen_dev, dev, args.dit_batch, scaling)
-        with autocast(dev):
-            v = dit(patchify(xt, cfg.patch_size), cos, sin, txt, mask, t, pooled)
-        loss = F.mse_loss(v.float(), patchify(target, cfg.patch_size))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(dit.parameters()), 1 - decay)
+        batch = flow_batch(latents, ids, table, cfg, gen_dev, dev, args.dit_batch, scaling)
+        decay = min(args.ema, (1 + step) / (10 + step))
+        try:
+            loss = dit_step(forward, dit, ema, opt, batch, rope, decay)
+        except Exception as exc:  # a compiler failure must not cost the run: carry on eagerly
+            if forward is dit or step > start:
+                raise
+            log(out, phase="dit", compile_failed=f"{type(exc).__name__}: {str(exc)[:300]}")
+            forward = dit
+            loss = dit_step(forward, dit, ema, opt, batch, rope, decay)
         if step % 250 == 0:
             log(out, phase="dit", step=step, loss=round(loss.item(), 5), s=round(time.time() - t0, 1))
         done = sched.done(step + 1)
         if (step + 1) % args.save_every == 0 or done:
             work.mkdir(parents=True, exist_ok=True)
             torch.save({"dit": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "gen": gen_dev.get_state(), "step": step + 1}, work / "dit.tmp")
+                        "gen": gen_dev.get_state(), "step": step + 1, "elapsed_s": sched.seconds()},
+                       work / "dit.tmp")
             (work / "dit.tmp").replace(ckpt)
         if done:
             break
     log(out, phase="dit", stopped_at=step + 1, s=round(time.time() - t0, 1))
     dit.eval().requires_grad_(False)
+
+
+# --- throughput ---------------------------------------------------------------------------------
+
+
+def _steps_per_s(step, warmup: int, count: int, dev: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(count):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return count / (time.perf_counter() - t)
+
+
+def throughput(args, dev: torch.device, out: Path) -> list[dict]:
+    """Training steps/s of the VAE (batch sizes) and the DiT (batch sizes, eager and compiled),
+    on random weights: what sets the phases' batch and `--compile` for a time budget."""
+    rows = []
+    caps, gen = grammar.training_captions(), torch.Generator().manual_seed(0)
+    for batch in sorted({args.vae_batch, 2 * args.vae_batch}):
+        vae = HunyuanVideoVAE(VAE_PRESETS["demo"]).to(dev).train()
+        opt = vae_optimizer(vae, args.vae_lr)
+        x = grammar.render(pick(caps, batch, gen), seed=0, device=dev)
+        rate = _steps_per_s(lambda: vae_step(vae, opt, x, args), 3, 15, dev)
+        rows.append({"phase": "vae", "batch": batch, "steps_per_s": round(rate, 2), "videos_per_s": round(rate * batch, 1)})
+        print(rows[-1], flush=True)
+    cfg = get_preset(PRESET)
+    latents = torch.randn(512, cfg.in_channels, *cfg.latent_grid(grammar.SIZE, grammar.SIZE, grammar.FRAMES),
+                          device=dev).to(torch.bfloat16)
+    ids = torch.randint(len(caps), (512,), device=dev)
+    table = TextTable(caps, cfg, dev)
+    gen_dev = torch.Generator(device=dev).manual_seed(0)
+    for compile_ in (False, True):
+        for batch in sorted({args.dit_batch, 2 * args.dit_batch}):
+            dit, ema = HunyuanVideoDiT(cfg).to(dev).train(), HunyuanVideoDiT(cfg).to(dev).requires_grad_(False)
+            rope = tuple(r.to(dev) for r in dit.rope(tuple(n // p for n, p in zip(latents.shape[2:], cfg.patch_size))))
+            opt, forward = dit_optimizer(dit, args.dit_lr), dit_forward(dit, compile_)
+            data = flow_batch(latents, ids, table, cfg, gen_dev, dev, batch, 1.0)
+            t = time.perf_counter()
+            dit_step(forward, dit, ema, opt, data, rope, args.ema)  # the compile, if any
+            first = time.perf_counter() - t
+            rate = _steps_per_s(lambda: dit_step(forward, dit, ema, opt, data, rope, args.ema), 3, 40, dev)
+            rows.append({"phase": "dit", "batch": batch, "compile": compile_, "first_step_s": round(first, 1),
+                         "steps_per_s": round(rate, 2), "samples_per_s": round(rate * batch)})
+            print(rows[-1], flush=True)
+    (out / "throughput.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
 
 
 # --- writing and checking ------------------------------------------------------------------------
@@ -344,6 +450,9 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.throughput:
+        throughput(args, dev, out)
+        return 0
     work = args.work or out.parent / f"{out.name}-work"
     t_start = time.time()
     if args.init is not None:
@@ -358,9 +467,9 @@ def main(argv=None) -> int:
         latents, ids, scaling = encode_dataset(vae, args, dev, out)
         save_vae(vae, scaling, work / "vae", torch.float32)  # a resumed run skips the VAE
     t_vae = time.time() - t_start
+    args.dit_stop_minutes = None
     if args.budget_minutes is not None:  # keep half a minute to write the weights and check them
-        left = args.budget_minutes - t_vae / 60 - 0.5
-        args.dit_minutes = max(0.5, min(left, args.dit_minutes if args.dit_minutes is not None else left))
+        args.dit_stop_minutes = max(0.5, args.budget_minutes - t_vae / 60 - 0.5)
     cfg = get_preset(PRESET)
     dit = HunyuanVideoDiT(cfg).to(dev)
     if args.init is not None:
