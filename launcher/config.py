@@ -199,9 +199,10 @@ def _validate_memory(cfg: RunConfig) -> None:
 
 
 def read_prompts_file(path: Path) -> tuple[str, ...]:
-    """One prompt per non-empty line; '#' starts a comment line."""
+    """One prompt per non-empty line; '#' starts a comment line. UTF-8, with or without the byte
+    order mark some editors write (it would otherwise become part of the first prompt's text)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--prompts-file {path}: cannot read it ({err})") from err
     prompts = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))

@@ -65,7 +65,7 @@ class VideoWriter:
         return finished
 
     def _write(self, i, latents, step_s, peaks, plan, memory, attention) -> None:
-        from .video import write_json_atomic
+        from .video import whole_or_none, write_json_atomic
 
         job, cfg, timer = self.job, self.job.cfg, self.timer
         video = None
@@ -75,10 +75,16 @@ class VideoWriter:
                     self.vae = ph.load_vae(job.family, job.dit, cfg.model_dir, job.device)
             with timer.phase("vae_decode"):
                 video = ph.decode(job.family, self.vae, latents, plan.placement.vae_tiling)
-        with timer.phase("write"):
-            ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=cfg.overwrite or cfg.skip_existing)
-        rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory}
-        write_json_atomic(rec, job.paths[i]["record"], overwrite=cfg.overwrite or cfg.skip_existing)
+        replace = cfg.overwrite or cfg.skip_existing
+        try:
+            with whole_or_none(job.paths[i].values()):
+                with timer.phase("write"):
+                    ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=replace)
+                rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory}
+                write_json_atomic(rec, job.paths[i]["record"], overwrite=replace)
+        except OSError as err:  # a full disk or a folder gone read-only: one line, nothing partial kept
+            raise ph.RankFailure(f"writing prompt {i + 1}'s outputs to {cfg.output_dir} failed "
+                                 f"({err.strerror or err}); none of its files were kept") from err
         main = job.paths[i]["latents" if cfg.no_video else "video"]
         log.info("wrote %s: %d steps in %.1f s, %.1f s since the text encoding began, peak %s", main, len(step_s),
                  sum(step_s), timer.elapsed(), _peak_text(peaks))

@@ -140,6 +140,37 @@ def check_output_dir(folder: Path) -> None:
         raise ConfigError(f"--output-dir {folder}: the {what} is not writable")
 
 
+# An mp4 of flat or slowly changing content takes about 0.1 bit per pixel and frame; real content
+# more. Below this much free space the outputs surely do not fit, so the job is refused up front.
+MP4_MIN_BITS_PER_PIXEL = 0.1
+RECORD_BYTES = 4 * 1024  # a JSON record is 4-30 KiB
+
+
+def min_output_bytes(cfg: RunConfig, dit) -> int:
+    """A lower bound on the bytes a job writes: its latents exactly (fp32), its videos and grids
+    at `MP4_MIN_BITS_PER_PIXEL`, its records."""
+    per_prompt = RECORD_BYTES
+    if cfg.save_latents or cfg.no_video:
+        per_prompt += 4 * dit.in_channels * math.prod(dit.latent_grid(cfg.height, cfg.width, cfg.frames))
+    if not cfg.no_video:
+        pixels = cfg.height * cfg.width * (cfg.frames + (8 if cfg.save_grid else 0))
+        per_prompt += int(pixels * MP4_MIN_BITS_PER_PIXEL / 8)
+    return per_prompt * len(cfg.prompts)
+
+
+def check_output_space(cfg: RunConfig, dit) -> None:
+    """Refuse before any step runs when --output-dir's disk cannot hold even the least the job
+    writes (a full disk would otherwise fail after the denoising)."""
+    import shutil
+
+    existing = next(p for p in (cfg.output_dir, *cfg.output_dir.parents) if p.exists())
+    free, need = shutil.disk_usage(existing).free, min_output_bytes(cfg, dit)
+    if free < need:
+        raise ConfigError(f"--output-dir {cfg.output_dir}: {free / 2**10:,.0f} KiB free on its disk; "
+                          f"{len(cfg.prompts)} prompt(s) at {cfg.height}x{cfg.width}x{cfg.frames} write at least "
+                          f"{need / 2**10:,.0f} KiB")
+
+
 def output_paths(cfg: RunConfig, index: int) -> dict[str, Path]:
     """Where prompt `index`'s files go; refuses up front to overwrite unless --overwrite."""
     from .video import output_stem
@@ -224,6 +255,7 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
         family.check_model_dir(cfg.model_dir, dit)
     if check_files:
         check_output_dir(cfg.output_dir)
+        check_output_space(cfg, dit)
     # Output names carry the seed: without one they are checked once rank 0 has drawn it.
     paths = [output_paths(cfg, i) for i in range(len(cfg.prompts))] if check_files and cfg.seed is not None else None
     try:

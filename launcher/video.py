@@ -8,6 +8,7 @@ Videos are float tensors `[3, F, H, W]` in [-1, 1] (the VAE's output for one sam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -19,7 +20,7 @@ import secrets
 import unicodedata
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -87,6 +88,18 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def whole_or_none(paths: Iterable[Path]):
+    """The files of one result (a prompt's video, grid, latents and record) are kept all or none:
+    if writing any of them fails (a full disk, Ctrl-C), those already written are removed."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        raise
 
 
 def _json_default(obj):
