@@ -209,7 +209,8 @@ def test_generate_rejects_bad_memory_flags(tmp_path):
     base = [sys.executable, "-m", "launcher", "generate", "--preset", "tiny", "--prompt", "x", "--output-dir", str(tmp_path)]
     for extra, msg in ((["--fp8", "fast"], "--fp8"), (["--fp8", "auto"], "budget"),
                        (["--stream-blocks", "9"], "has 4 blocks"), (["--memory-profile", "tiny"], "--memory-profile"),
-                       (["--max-gpu-memory", "many"], "--max-gpu-memory")):
+                       (["--max-gpu-memory", "many"], "--max-gpu-memory"),
+                       (["--chunk-tokens", "5"], "--chunk-tokens 5: 0 (off) or at least 16")):
         proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr)
     assert not list(tmp_path.iterdir())

@@ -262,6 +262,18 @@ def test_cli_table(capsys):
     assert "DiT weights       23.88" in out
 
 
+def test_cli_6gib_on_one_gpu_plans_with_token_chunks(capsys):
+    rc, out, err = cli("--size", "384x512", "--frames", "129", "--gpus", "1", "--max-gpu-memory", "6GiB", capsys=capsys)
+    assert rc == 0 and err == ""
+    assert "token chunks of 4096" in out and "7 chunks of this rank's 25,344 image tokens" in out
+    assert "no NCCL (one process)" in out and "text phase: not counted" in out
+    rc, out, _ = cli("--size", "384x512", "--frames", "129", "--gpus", "1", "--max-gpu-memory", "6GiB",
+                     "--with-text-encoder", "--json", capsys=capsys)
+    chosen = json.loads(out)["memory_plan"]["chosen"]
+    assert rc == 0 and chosen["stream_text"] and chosen["text_phase_bytes"] <= 6 * GIB
+    assert chosen["chunk_tokens"] == 4096 and chosen["runtime_overhead_bytes"]["nccl"] == 0
+
+
 def test_cli_json_has_the_plans_numbers(capsys):
     argv = ("--model", "hunyuan-video-13b", "--size", "544x960", "--frames", "129", "--gpus", "16", "--json")
     rc, out, _ = cli(*argv, capsys=capsys)
