@@ -71,6 +71,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                      "(computed in bf16), matmul (FP8 tensor cores), auto (the planner may use storage)")
     mem.add_argument("--stream-blocks", type=int, help="stream the last N DiT blocks from host memory")
     mem.add_argument("--prefetch", type=int, default=1, help="streamed blocks copied ahead of the compute")
+    mem.add_argument("--chunk-tokens", type=int, help="run the DiT blocks' token-wise parts (norms, projections, "
+                     "MLP) over chunks of N tokens: same result, lower peak (0: off; light/extreme profiles and "
+                     "the planner under a budget chunk by themselves)")
     add_benchmarking_args(p)
 
 
@@ -141,6 +144,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         fp8=args.fp8,
         stream_blocks=args.stream_blocks,
         prefetch=args.prefetch,
+        chunk_tokens=args.chunk_tokens,
         topology_file=args.topology_file,
         attention=args.attention,
         attention_kernel=args.attention_kernel,

@@ -61,6 +61,7 @@ class RunConfig:
     fp8: str = "off"
     stream_blocks: int | None = None
     prefetch: int = 1
+    chunk_tokens: int | None = None  # the DiT's token-wise parts in chunks of this many tokens (0: off)
     # Benchmarking: another topology table, the SP attention backend, no VAE decode.
     topology_file: Path | None = None
     attention: str = "native"
@@ -181,6 +182,8 @@ def _validate_benchmarking(cfg: RunConfig) -> None:
 
 
 def _validate_memory(cfg: RunConfig) -> None:
+    from models.chunking import MIN_CHUNK
+
     from .memory_plan import FP8_MODES, PROFILES
 
     if cfg.memory_profile is not None and cfg.memory_profile not in PROFILES:
@@ -194,6 +197,8 @@ def _validate_memory(cfg: RunConfig) -> None:
         raise ConfigError(f"--stream-blocks {cfg.stream_blocks}: must be >= 0")
     if cfg.prefetch < 1:
         raise ConfigError(f"--prefetch {cfg.prefetch}: must be >= 1")
+    if cfg.chunk_tokens is not None and cfg.chunk_tokens != 0 and cfg.chunk_tokens < MIN_CHUNK:
+        raise ConfigError(f"--chunk-tokens {cfg.chunk_tokens}: 0 (off) or at least {MIN_CHUNK} tokens")
     if cfg.max_gpu_memory is not None and cfg.max_gpu_memory <= 0:
         raise ConfigError(f"--max-gpu-memory {cfg.max_gpu_memory}: must be positive")
 

@@ -32,7 +32,7 @@ from parallel.backends import text_problem
 from . import faults as fault_injection
 from . import pipeline as ph
 from .config import ConfigError, RunConfig
-from .memory_plan import NCCL_ALLOWANCE, MemoryPlan
+from .memory_plan import MemoryPlan
 from .record import PhaseTimer, device_used_bytes
 from .outputs import ALLOC_CONF_VARS, VideoWriter
 from .resolve import ResolvedJob, host_memory_bytes, output_paths, resolve_job
@@ -228,16 +228,21 @@ def _expandable_segments_under_budget(cfg: RunConfig) -> None:
 
 
 def _cap_memory(job: Job) -> None:
-    """Hold the caching allocator under the budget, less what lives outside it (context, NCCL
-    buffers now, ``NCCL_ALLOWANCE`` for communicators made later), so the budget is real."""
+    """Hold the caching allocator under the budget, less what lives outside it: the context and
+    NCCL buffers now, or the plan's context allowance if larger (CUDA loads kernel modules lazily,
+    so the context grows after this point), and the plan's NCCL allowance for peer buffers
+    connected later (none for one process). So the budget is real."""
     if job.memory.budget is None or job.device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(job.device).total_memory
-    outside = device_used_bytes(job.device) - torch.cuda.memory_reserved(job.device)
-    allowed = job.memory.budget - outside - NCCL_ALLOWANCE
+    overhead = job.memory.plan.overhead
+    now = device_used_bytes(job.device) - torch.cuda.memory_reserved(job.device)
+    outside = max(now, overhead.context)
+    later = overhead.nccl
+    allowed = job.memory.budget - outside - later
     torch.cuda.set_per_process_memory_fraction(max(allowed, 0) / total, job.device)
     log.info("GPU memory budget %.2f GiB: allocator capped at %.2f GiB (%.2f GiB outside it)",
-             job.memory.budget / 2**30, allowed / 2**30, (outside + NCCL_ALLOWANCE) / 2**30)
+             job.memory.budget / 2**30, allowed / 2**30, (outside + later) / 2**30)
 
 
 OOM_AGREE_S = 30.0  # how long a rank that ran out of memory waits for the others to say they did too

@@ -5,21 +5,25 @@ Knobs, from cheapest to dearest:
 
 1. layer streaming of the last ``k`` DiT blocks from host memory (exact; the copies overlap the
    compute, so the cost is ~0 while a block's copy is shorter than a block's compute);
-2. CFG passes one after the other on the same ranks instead of in parallel (cfg 2 -> 1: each rank
+2. token chunking: the blocks' token-wise parts (norms, projections, the MLP) run over chunks of
+   ``CHUNK_TOKENS`` tokens, so a block's peak is what its attention holds (exact: the same
+   result; a few more kernel launches), for a family that supports it (``set_token_chunk``);
+3. CFG passes one after the other on the same ranks instead of in parallel (cfg 2 -> 1: each rank
    holds half as many tokens);
-3. the small VAE tiles (17x16x16 latents) instead of the release's (slower decode, ~3x less memory);
-4. FP8 weights (float8 e4m3 with per-channel scales; lossy, see docs/BENCHMARKS.md), only when
+4. the small VAE tiles (17x16x16 latents) instead of the release's (slower decode, ~3x less memory);
+5. FP8 weights (float8 e4m3 with per-channel scales; lossy, see docs/BENCHMARKS.md), only when
    ``--fp8 auto`` allows it and nothing exact fits.
 
 Per-rank denoise peak (bytes) = resident weights + streaming slots + activations (one forward at
-this rank's tokens, ``dit_activations``) + FP8 temporaries + ``RUNTIME_OVERHEAD`` (CUDA context,
-NCCL buffers, allocator slack; measured). The decode peak (first rank of each replica, DiT freed)
-is the VAE's. The text encoders run before the DiT is loaded and are freed: their peak is checked
-alone and, if it does not fit, the LLM's layers are streamed too.
+this rank's tokens, chunked or not, ``dit_activations``) + FP8 temporaries + the runtime overhead
+of the job's world size (``runtime_overhead``: CUDA context and allocator slack, plus NCCL's
+buffers on N ranks). The decode peak (first rank of each replica, DiT freed) is the VAE's. The
+text phase runs before the DiT is loaded and is freed: its peak (the encoders, the LLM's layers
+streamed one by one when resident ones do not fit) is checked against the budget alone.
 
 Named profiles fix the knobs instead: ``default`` (everything resident), ``light`` (stream half
-the blocks, small VAE tiles), ``extreme`` (stream every block, FP8 storage, small tiles,
-sequential CFG, streamed LLM).
+the blocks, token chunks, small VAE tiles), ``extreme`` (stream every block, FP8 storage, token
+chunks, small tiles, sequential CFG, streamed LLM).
 """
 
 from __future__ import annotations
@@ -39,19 +43,12 @@ from models.fp8 import quantize_model, weight_bytes
 from parallel.sequence import shard_length
 
 from .config import DTYPES, ConfigError
-from .memory_estimate import dit_activations
+from .memory_estimate import GIB, RuntimeOverhead, dit_activations, runtime_overhead
 
-GIB = 2**30
-# What a rank holds outside its tensors, measured on 4 x H200 (docs/BENCHMARKS.md, memory
-# placements): 2.2 GiB outside the caching allocator once the process group is up (CUDA context,
-# NCCL); NCCL_ALLOWANCE more by the end of a step (NCCL connects its peers' buffers lazily, at the
-# first all-to-all: 2.32 GiB measured, outside the allocator's cap); and the allocator's slack
-# (reserved over allocated: 1.2 GiB under a cap with fixed segments, which is why a budget turns
-# on expandable segments). Each rounded up.
-CONTEXT_OVERHEAD = int(2.25 * GIB)
-NCCL_ALLOWANCE = int(2.5 * GIB)
-ALLOCATOR_SLACK = int(1.0 * GIB)
-RUNTIME_OVERHEAD = CONTEXT_OVERHEAD + NCCL_ALLOWANCE + ALLOCATOR_SLACK
+# Tokens per chunk when the planner (or a light / extreme profile) chunks: the token-wise parts'
+# temporaries stay well under attention's own tensors at the sizes that need chunking (4 N x C
+# held against 17 T x C), and the matmuls stay large (4096 x 3072 x 12288 at the 13B's widths).
+CHUNK_TOKENS = 4096
 PROFILES = ("default", "light", "extreme")
 FP8_MODES = ("off", "auto", "storage", "matmul")
 VAE_WEIGHT_ALLOWANCE = 250_000_000 * 2  # fp16 weights of a VAE its family did not measure
@@ -67,11 +64,14 @@ class Placement:
     vae_tiling: str = "release"
     stream_text: bool = False
     prefetch: int = 1
+    chunk_tokens: int | None = None  # the blocks' token-wise parts in chunks of this many tokens
 
     def label(self, blocks: int, dtype: str = "bf16") -> str:
         parts = [f"fp8-{self.fp8}" if self.fp8 != "off" else dtype]
         if self.streamed:
             parts.append(f"stream {self.streamed}/{blocks} blocks")
+        if self.chunk_tokens:
+            parts.append(f"token chunks of {self.chunk_tokens}")
         parts.append(f"cfg {'parallel' if self.cfg_degree == 2 else 'sequential'}")
         parts.append("untiled VAE" if self.vae_tiling == "off" else f"{self.vae_tiling} VAE tiles")
         if self.stream_text:
@@ -94,14 +94,20 @@ class MemoryPlan:
     weights: int = 0  # every DiT weight in this placement's format, resident or streamed
     vae_weights: int = 0
     dtype: str = "bf16"  # the DiT's --dtype (the blocks' unless FP8)
+    overhead: RuntimeOverhead  # of the job's world size
 
     @property
     def denoise(self) -> int:
-        return self.resident_weights + self.slots + self.activations + self.fp8_temp + RUNTIME_OVERHEAD
+        return self.resident_weights + self.slots + self.activations + self.fp8_temp + self.overhead.total
+
+    @property
+    def text_phase(self) -> int:
+        """The text encoders' peak (0 when only the weightless built-in one runs) with the overhead."""
+        return self.text + self.overhead.total
 
     @property
     def peak(self) -> int:
-        return max(self.denoise, self.decode + RUNTIME_OVERHEAD, self.text + RUNTIME_OVERHEAD)
+        return max(self.denoise, self.decode + self.overhead.total, self.text_phase)
 
     @property
     def label(self) -> str:
@@ -110,7 +116,7 @@ class MemoryPlan:
     def decodes_beside_dit(self, limit: int | None) -> bool:
         """Whether the VAE decode fits under ``limit`` while the DiT stays placed (its activations
         freed): then each video is written as soon as its prompt is done. None: no limit (CPU)."""
-        beside = self.resident_weights + self.slots + self.fp8_temp + self.decode + RUNTIME_OVERHEAD
+        beside = self.resident_weights + self.slots + self.fp8_temp + self.decode + self.overhead.total
         return limit is None or beside <= limit
 
     def to_dict(self) -> dict:
@@ -118,7 +124,9 @@ class MemoryPlan:
                 "cfg": self.placement.cfg_degree, "vae_tiling": self.placement.vae_tiling,
                 "stream_text": self.placement.stream_text, "peak_bytes": self.peak,
                 "denoise_bytes": self.denoise, "resident_weight_bytes": self.resident_weights,
-                "slot_bytes": self.slots, "activation_bytes": self.activations}
+                "slot_bytes": self.slots, "activation_bytes": self.activations,
+                "chunk_tokens": self.placement.chunk_tokens, "text_bytes": self.text,
+                "text_phase_bytes": self.text_phase, "runtime_overhead_bytes": self.overhead.to_dict()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def estimate(shape: JobShape, p: Placement) -> MemoryPlan:
     local = shard_length(tokens, shape.ulysses * shape.ring)
     acts = dit_activations(
         image_tokens=local, text_tokens=text_len, hidden=shape.dit.hidden_size, mlp_hidden=shape.dit.mlp_hidden,
-        ulysses=shape.ulysses, ring=shape.ring, dtype_bytes=DTYPES[shape.dtype].itemsize,
+        ulysses=shape.ulysses, ring=shape.ring, dtype_bytes=DTYPES[shape.dtype].itemsize, chunk_tokens=p.chunk_tokens,
     ).peak
     fp8_temp = sizes.largest_linear if p.fp8 == "storage" else (local + text_len) * 4 * shape.dit.mlp_hidden if p.fp8 == "matmul" else 0
     latent = shape.dit.latent_grid(shape.height, shape.width, shape.frames)
@@ -197,17 +205,24 @@ def estimate(shape: JobShape, p: Placement) -> MemoryPlan:
     text = family.text.weight_bytes(p.stream_text) if shape.text_llm else 0
     return MemoryPlan(placement=p, resident_weights=resident, slots=slots, activations=acts, fp8_temp=fp8_temp,
                       decode=decode, text=text, blocks=n, weights=sizes.other + sum(per_block),
-                      vae_weights=vae_weights, dtype=shape.dtype)
+                      vae_weights=vae_weights, dtype=shape.dtype, overhead=runtime_overhead(shape.world))
+
+
+def chunk_choices(preset: str) -> tuple[int | None, ...]:
+    """Unchunked, then CHUNK_TOKENS where the family's DiT chunks its token-wise parts."""
+    return (None,) if models.get_family(preset).set_token_chunk is None else (None, CHUNK_TOKENS)
 
 
 def candidates(shape: JobShape, fp8: str, tiling: str = "auto") -> list[Placement]:
     """Placements in order of cost, for the shape's CFG degree (the caller tries cfg 2, then 1):
-    the first that fits wins. Within a rung, k = 0, 1, ... streamed blocks. ``tiling``: the
-    user's --vae-tiling (auto: the family's tilings, fastest first, least memory last)."""
+    the first that fits wins. Rungs: FP8 mode, then VAE tiling, then token chunking; within a
+    rung, k = 0, 1, ... streamed blocks (streaming is the cheapest knob while copies overlap the
+    compute). ``tiling``: the user's --vae-tiling (auto: the family's tilings, fastest first)."""
     n = len(dit_sizes(shape.preset, shape.dtype).blocks)
     modes = (["off"] if fp8 in ("off", "auto") else [fp8]) + (["storage"] if fp8 == "auto" else [])
     tilings = models.get_family(shape.preset).vae.tilings if tiling == "auto" else (tiling,)
-    rungs = [Placement(fp8=m, cfg_degree=shape.cfg_degree, vae_tiling=t) for m in modes for t in tilings]
+    rungs = [Placement(fp8=m, cfg_degree=shape.cfg_degree, vae_tiling=t, chunk_tokens=c)
+             for m in modes for t in tilings for c in chunk_choices(shape.preset)]
     return [replace(r, streamed=k) for r in rungs for k in range(n + 1)]
 
 
@@ -215,13 +230,14 @@ def profile_placement(profile: str, shape: JobShape) -> Placement:
     """The fixed placement of a named profile (its CFG degree is the shape's)."""
     n = len(dit_sizes(shape.preset, shape.dtype).blocks)
     tilings = models.get_family(shape.preset).vae.tilings
+    chunk = chunk_choices(shape.preset)[-1]
     if profile == "default":
         return Placement(cfg_degree=shape.cfg_degree, vae_tiling=tilings[0])
     if profile == "light":
-        return Placement(streamed=n // 2, cfg_degree=shape.cfg_degree, vae_tiling=tilings[-1])
+        return Placement(streamed=n // 2, cfg_degree=shape.cfg_degree, vae_tiling=tilings[-1], chunk_tokens=chunk)
     if profile == "extreme":
         return Placement(streamed=n, fp8="storage", cfg_degree=shape.cfg_degree, vae_tiling=tilings[-1],
-                         stream_text=shape.text_llm)
+                         stream_text=shape.text_llm, chunk_tokens=chunk)
     raise ConfigError(f"--memory-profile {profile!r}; valid: {', '.join(PROFILES)}")
 
 
@@ -254,7 +270,8 @@ def choose(shape: JobShape, budget: int, fp8: str = "auto", tiling: str = "auto"
         raise ConfigError(
             f"--max-gpu-memory {budget / GIB:.1f}GiB: nothing fits; the smallest plan ({best.label}) "
             f"needs {best.peak / GIB:.1f} GiB per GPU (resident weights {best.resident_weights / GIB:.1f}, "
-            f"activations {best.activations / GIB:.1f}, runtime {RUNTIME_OVERHEAD / GIB:.2f}); use more GPUs, "
+            f"activations {best.activations / GIB:.1f}, runtime {best.overhead.total / GIB:.2f}; VAE decode "
+            f"{best.decode / GIB:.1f}, text encoders {best.text / GIB:.1f}, each + runtime); use more GPUs, "
             f"a smaller size{'' if fp8 == 'auto' else ', or --fp8 auto'}"
         )
     return chosen, None
@@ -274,12 +291,6 @@ def parse_memory(text: str) -> int:
     if value <= 0:
         raise ConfigError(f"--max-gpu-memory {text!r}: must be positive")
     return int(value * scale)
-
-
-def device_overhead_note() -> str:
-    return f"runtime overhead {RUNTIME_OVERHEAD / GIB:.2f} GiB per rank (CUDA context, NCCL, allocator slack)"
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +322,10 @@ def _fixed(cfg, shape: JobShape) -> Placement:
         p = replace(p, fp8=cfg.fp8)
     if cfg.vae_tiling != "auto":
         p = replace(p, vae_tiling=cfg.vae_tiling)
+    if cfg.chunk_tokens is not None:
+        if models.get_family(shape.preset).set_token_chunk is None and cfg.chunk_tokens:
+            raise ConfigError(f"--chunk-tokens: the {shape.preset} DiT does not run its blocks in token chunks")
+        p = replace(p, chunk_tokens=cfg.chunk_tokens or None)
     return replace(p, prefetch=cfg.prefetch)
 
 
@@ -320,9 +335,10 @@ def plan_job(cfg, shape_for: Callable[[int], tuple[JobShape, object]], cfg_optio
     collective). ``shape_for(cfg_degree)`` gives the job's shape and resolved topology for a CFG
     degree; ``cfg_options`` the degrees allowed (the user's, or 2 then 1); ``device_memory`` the
     GPU's total bytes (None on CPU). Explicit knobs (a profile, --stream-blocks, --fp8 storage or
-    matmul) are taken as given and only checked against a budget; otherwise the planner chooses
+    matmul, --chunk-tokens) are taken as given and only checked against a budget; otherwise the planner chooses
     under --max-gpu-memory, or under the GPU's own memory."""
-    fixed = cfg.memory_profile is not None or cfg.stream_blocks is not None or cfg.fp8 in ("storage", "matmul")
+    fixed = (cfg.memory_profile is not None or cfg.stream_blocks is not None or cfg.fp8 in ("storage", "matmul")
+             or cfg.chunk_tokens is not None)
     budget = cfg.max_gpu_memory
     if fixed:
         shape, topo = shape_for(cfg_options[0])

@@ -123,7 +123,8 @@ def _materialiser(device, fp8: str):
 def build_dit(family: ModelFamily, preset: str, loaded, device, dtype, placement, share=None):
     """The DiT placed as ``placement`` says (launcher/memory_plan.py): everything but the blocks
     on ``device``; the first blocks resident there (FP8 if asked), the last ``streamed`` behind a
-    layer streamer. Returns ``(model, PlacedBlocks)``."""
+    layer streamer; its token-wise parts in chunks when the plan asks (through the family).
+    Returns ``(model, PlacedBlocks)``."""
     from parallel.placement import place_blocks
 
     model = loaded if loaded is not None else models.build_model(preset, device="meta", dtype=dtype)
@@ -139,6 +140,8 @@ def build_dit(family: ModelFamily, preset: str, loaded, device, dtype, placement
     placed = place_blocks(blocks, device=device, streamed=placement.streamed,
                           materialise=_materialiser(device, placement.fp8),
                           structure=structure, prefetch=placement.prefetch, share=share)
+    if placement.chunk_tokens:  # the planner offers chunks only to a family that has the setter
+        family.set_token_chunk(model, placement.chunk_tokens)
     return model.eval(), placed
 
 

@@ -21,17 +21,16 @@ from pathlib import Path
 import torch
 
 import models
+from models.chunking import token_spans
 from parallel.sequence import padded_length, shard_length
 from parallel.topology import ResolvedTopology, Topology, TopologyError, factorisations
 
 from .config import DTYPES, VAE_TILINGS, ConfigError, RunConfig, family_of, parse_size
-from .memory_plan import FP8_MODES, PROFILES, JobMemory, device_overhead_note, parse_memory
-from .memory_estimate import GIB, MemoryEstimate, dit_activations
+from .memory_plan import FP8_MODES, PROFILES, JobMemory, parse_memory
+from .memory_estimate import MemoryEstimate, dit_activations
+from .plan_output import format_plan, plan_to_dict
 from .predict import assumptions, format_predictions, link_of, load_calibration, predict_all, prediction_dict
 from .resolve import ResolvedJob, resolve_job
-
-NOT_INCLUDED = ("CUDA context, NCCL buffers and allocator slack (the memory plan above counts them); "
-                "text encoders (rank 0, before the DiT loads; the plan counts them with --with-text-encoder)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +56,9 @@ class Plan:
     text_tokens: int
     memory: MemoryEstimate
     placement: JobMemory  # the memory plan generate runs with (the estimate above is its breakdown)
+    mlp_hidden: int
+    chunks: int  # token chunks of this rank's image tokens (1: unchunked)
+    text_encoders: tuple[int, int]  # the family's real text encoders' GPU bytes: resident, LLM streamed
 
     @property
     def topology(self) -> Topology:
@@ -71,6 +73,7 @@ class MemoryKnobs:
     memory_profile: str | None = None
     fp8: str = "off"
     stream_blocks: int | None = None
+    chunk_tokens: int | None = None
     text_llm: bool = False  # count the family's real text encoder (generate with --model-dir)
 
 
@@ -85,7 +88,7 @@ def plan_config(*, preset: str, height: int, width: int, frames: int, dtype: str
         steps=1, seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."), dtype=dtype, vae_tiling=vae_tiling,
         negative_prompt="negative" if cfg == 2 else None, cfg_scale=2.0 if cfg == 2 else 1.0, cfg_degree=cfg,
         dp=dp, ulysses=ulysses, ring=ring, max_gpu_memory=knobs.max_gpu_memory, memory_profile=knobs.memory_profile,
-        fp8=knobs.fp8, stream_blocks=knobs.stream_blocks,
+        fp8=knobs.fp8, stream_blocks=knobs.stream_blocks, chunk_tokens=knobs.chunk_tokens,
         topology_file=None if topology_file is None else Path(topology_file),
     )
 
@@ -128,7 +131,9 @@ def plan_of(job: ResolvedJob) -> Plan:
         heads=dit.num_heads, topologies=factorisations(job.world, dit.num_heads, cfg=topo.cfg, dp=topo.dp),
         chosen=job.topology, reason=job.reason, latent_grid=latent, token_grid=job.token_grid, image_tokens=n,
         tokens_per_rank=per_rank, padded_tokens=padded, pad_tokens=padded - n, text_tokens=text,
-        memory=estimate_memory(job, per_rank), placement=job.memory,
+        memory=estimate_memory(job, per_rank), placement=job.memory, mlp_hidden=dit.mlp_hidden,
+        chunks=len(token_spans(per_rank, job.memory.plan.placement.chunk_tokens)),
+        text_encoders=(job.family.text.weight_bytes(False), job.family.text.weight_bytes(True)),
     )
 
 
@@ -146,6 +151,7 @@ def estimate_memory(job: ResolvedJob, local_tokens: int) -> MemoryEstimate:
     acts = dit_activations(
         image_tokens=local_tokens, text_tokens=job.family.text.max_tokens, hidden=dit.hidden_size,
         mlp_hidden=dit.mlp_hidden, ulysses=topo.ulysses, ring=topo.ring, dtype_bytes=job.dtype.itemsize,
+        chunk_tokens=plan.placement.chunk_tokens,
     )
     assert acts.peak == plan.activations, "plan and planner must share one activation model"
     tiling = plan.placement.vae_tiling
@@ -162,132 +168,6 @@ def estimate_memory(job: ResolvedJob, local_tokens: int) -> MemoryEstimate:
         vae_weights=plan.vae_weights if calibrated else None,
         vae_decode=plan.decode - plan.vae_weights if calibrated else None, notes=tuple(notes),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-
-def _grid(g) -> str:
-    return "x".join(map(str, g))
-
-
-def _gpus(n: int) -> str:
-    return f"{n} GPU" if n == 1 else f"{n} GPUs"
-
-
-def _gib(n: int | None) -> str:
-    return "     -" if n is None else f"{n / GIB:6.2f}"
-
-
-def format_plan(plan: Plan) -> str:
-    """The human-readable plan (what `plan` prints without --json)."""
-    head = (
-        f"{plan.preset}: {plan.height}x{plan.width}, {plan.frames} frames on {_gpus(plan.gpus)} "
-        f"({plan.dtype}, {plan.heads} heads)"
-    )
-    sections = (_topology_lines(plan), _token_lines(plan), _memory_lines(plan))
-    return "\n\n".join(["\n".join(lines) for lines in ([head], *sections)])
-
-
-def _topology_lines(plan: Plan) -> list[str]:
-    topo = plan.topology
-    lines = [
-        (
-            f"valid topologies for {_gpus(plan.gpus)}, cfg {topo.cfg}, dp {topo.dp} "
-            f"(ulysses must divide {plan.heads} heads):"
-        ),
-        "      dp  cfg  ring  ulysses",
-    ]
-    for t in plan.topologies:
-        mark = "*" if t == topo else " "
-        lines.append(f"  {mark} {t.dp:3d} {t.cfg:4d} {t.ring:5d} {t.ulysses:8d}   {t.sp_label}")
-    lines.append(f"chosen: {topo.sp_label} (ulysses {topo.ulysses} x ring {topo.ring}), by {plan.reason}")
-    return lines
-
-
-def _token_lines(plan: Plan) -> list[str]:
-    grids = f"latent {_grid(plan.latent_grid)} -> token grid {_grid(plan.token_grid)}"
-    padded = f"{plan.topology.sp} x {plan.tokens_per_rank:,}"
-    pad = f"padded sequence {plan.padded_tokens:,} = {padded}, {plan.pad_tokens:,} pad tokens"
-    return [
-        f"tokens: {grids} = {plan.image_tokens:,} image tokens, + {plan.text_tokens} text tokens",
-        f"  per rank: {plan.tokens_per_rank:,} image tokens + the {plan.text_tokens} text tokens ({pad})",
-    ]
-
-
-def _memory_lines(plan: Plan) -> list[str]:
-    mem, acts = plan.memory, plan.memory.activations
-    if mem.vae_tiling == "off":
-        vae = f"untiled, one pass over {_grid(mem.vae_tile)} latents, fp16"
-    else:
-        vae = f"{mem.vae_tiling} tiling, largest tile {_grid(mem.vae_tile)} latents, fp16"
-    if mem.vae_weights is not None:
-        vae += f", incl. {mem.vae_weights / GIB:.2f} VAE weights"
-    placed = plan.placement.plan
-    weights = f"{mem.dit_params:,} params x {DTYPES[plan.dtype].itemsize} B ({plan.dtype})"
-    if placed.placement.streamed or placed.placement.fp8 != "off":
-        weights = f"on the GPU as planned ({placed.label}) of {mem.dit_params:,} params"
-    forward = f"{plan.tokens_per_rank:,} + {plan.text_tokens} tokens ({acts.peak_phase} phase of one block)"
-    others = f"{mem.denoise / GIB:.2f} on the others"
-    return [*_placement_lines(plan),
-        "memory per rank, GiB (estimate):",
-        f"  DiT weights      {_gib(mem.dit_weights)}  {weights}, on every rank",
-        f"  DiT activations  {_gib(acts.peak)}  one forward at {forward}",
-        f"  denoise          {_gib(mem.denoise)}  every rank",
-        f"  VAE decode       {_gib(mem.decode)}  first rank of each dp replica, DiT freed: {vae}",
-        f"  peak             {_gib(mem.writer_peak)}  first rank of each dp replica; {others}",
-        *(f"  note: {n}" for n in mem.notes),
-        f"  not included: {NOT_INCLUDED}",
-    ]
-
-
-def _placement_lines(plan: Plan) -> list[str]:
-    m = plan.placement
-    p = m.plan
-    lines = [
-        f"memory plan ({m.reason}):",
-        f"  chosen: {p.label}",
-        f"    peak {p.peak / GIB:.2f} GiB per GPU: resident weights {p.resident_weights / GIB:.2f}, streaming slots "
-        f"{p.slots / GIB:.2f}, activations {p.activations / GIB:.2f}, FP8 buffers {p.fp8_temp / GIB:.2f}, "
-        f"{device_overhead_note()}; VAE decode {p.decode / GIB:.2f}, text encoders {p.text / GIB:.2f}",
-    ]
-    if m.fallback is not None:
-        lines.append(f"  after an out-of-memory error, once: {m.fallback.label} ({m.fallback.peak / GIB:.2f} GiB)")
-    return lines + [""]
-
-
-def plan_to_dict(plan: Plan) -> dict:
-    """The plan as plain JSON values (what `plan --json` prints); sizes in bytes."""
-    topo, mem = plan.topology, plan.memory
-
-    def degrees(t: Topology) -> dict:
-        return {"dp": t.dp, "cfg": t.cfg, "ring": t.ring, "ulysses": t.ulysses, "label": t.sp_label}
-
-    return {
-        "model": plan.preset, "height": plan.height, "width": plan.width, "frames": plan.frames,
-        "gpus": plan.gpus, "dtype": plan.dtype, "heads": plan.heads,
-        "topologies": [degrees(t) for t in plan.topologies],
-        "chosen": {**degrees(topo), "source": plan.chosen.source, "reason": plan.reason},
-        "tokens": {
-            "latent_grid": list(plan.latent_grid), "token_grid": list(plan.token_grid),
-            "image": plan.image_tokens, "per_rank": plan.tokens_per_rank, "padded": plan.padded_tokens,
-            "pad": plan.pad_tokens, "text": plan.text_tokens,
-        },
-        "memory_bytes": {
-            "dit_params": mem.dit_params, "dit_weights": mem.dit_weights,
-            "activations": mem.activations.peak, "activations_phase": mem.activations.peak_phase,
-            "denoise": mem.denoise, "vae_tiling": mem.vae_tiling, "vae_tile": list(mem.vae_tile),
-            "vae_weights": mem.vae_weights, "vae_decode": mem.vae_decode, "decode": mem.decode,
-            "writer_peak": mem.writer_peak, "other_ranks_peak": mem.denoise,
-        },
-        "notes": list(mem.notes),
-        "memory_plan": {
-            "reason": plan.placement.reason, "chosen": plan.placement.plan.to_dict(),
-            "fallback": None if plan.placement.fallback is None else plan.placement.fallback.to_dict(),
-        },
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +195,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-profile", choices=PROFILES, help="a fixed placement: default, light, extreme")
     p.add_argument("--fp8", default="off", choices=FP8_MODES, help="as generate's --fp8")
     p.add_argument("--stream-blocks", type=int, help="as generate's --stream-blocks")
+    p.add_argument("--chunk-tokens", type=int, help="as generate's --chunk-tokens")
     p.add_argument("--with-text-encoder", action="store_true",
                    help="count the release's LLM text encoder (generate with --model-dir)")
     p.add_argument("--topology", dest="topology_file", help="topology YAML instead of configs/topology/ (e.g. a "
@@ -367,11 +248,13 @@ def _default_cfg(defaults, gpus: int, dp: int) -> int:
 
 
 def _memory_knobs(args: argparse.Namespace) -> MemoryKnobs | None:
-    if args.max_gpu_memory is None and args.memory_profile is None and args.stream_blocks is None and args.fp8 == "off":
+    given = (args.max_gpu_memory, args.memory_profile, args.stream_blocks, args.chunk_tokens)
+    if all(v is None for v in given) and args.fp8 == "off" and not args.with_text_encoder:
         return None
     budget = None if args.max_gpu_memory is None else parse_memory(args.max_gpu_memory)
     return MemoryKnobs(max_gpu_memory=budget, memory_profile=args.memory_profile, fp8=args.fp8,
-                       stream_blocks=args.stream_blocks, text_llm=args.with_text_encoder)
+                       stream_blocks=args.stream_blocks, chunk_tokens=args.chunk_tokens,
+                       text_llm=args.with_text_encoder)
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -11,7 +11,9 @@ The DiT of every family keeps the two contracts of the seam:
   txt_mask [B, L], timestep [B], pooled [B, P], guidance [B] | None) -> [B, S, F]``, with the image
   tokens patchified t-major (``family.patchify``) and ``dit.rope(grid)`` the RoPE rows of the
   whole grid, so that a shard is a slice of both;
-- one joint attention, swapped by ``dit.set_attention(fn)`` (``parallel.parallelize`` does it).
+- one joint attention, swapped by ``dit.set_attention(fn)`` (``parallel.parallelize`` does it);
+- optionally, token chunking: ``family.set_token_chunk(dit, tokens)`` (the launcher does it when
+  the memory plan asks), same result, lower peak.
 
 A family's DiT config (``family.presets[name]``) answers: ``name``, ``num_heads``, ``head_dim``,
 ``hidden_size``, ``mlp_hidden``, ``in_channels``, ``guidance_embed``, ``latent_grid(h, w, f)``
@@ -117,7 +119,8 @@ samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, 
     execution order, the unit of layer streaming and FP8; ``check_model_dir(path, config)`` raises when a
     weight folder is missing (cheap, run on every rank); ``forward_work(config, image_tokens,
     text_tokens)`` -> the FLOPs of one forward (``models.cost.ForwardWork``, what `plan --predict`
-    prices), None when the family does not declare them."""
+    prices), None when the family does not declare them; ``set_token_chunk(model, tokens)`` bounds
+    the tokens its token-wise parts see at once (the memory planner's chunking rung)."""
 
     name: str
     presets: Mapping[str, Any]
@@ -133,6 +136,9 @@ samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, 
     weight_files: Callable[[Path, bool, Any], list[Path]] = lambda path, fp8, cfg: []  # what the loaders read (the record)
     scheduler: Callable[..., Any] = FlowMatchEuler  # (steps=, shift=) -> a fresh sampler per video
     forward_work: Callable[[Any, int, int], Any] | None = None
+    # (model, max tokens | None): the DiT runs its token-wise parts in token chunks of that size
+    # (models/chunking.py); None: the family does not chunk, and the planner never asks it to.
+    set_token_chunk: Callable[[nn.Module, int | None], None] | None = None
     released: frozenset[str] = frozenset()  # presets of a published checkpoint: weights expected
     guidance: str = "embedded"  # "embedded": a distilled scale fed to the DiT; "cfg": classic CFG only
     default_negative_prompt: str | None = None

@@ -184,6 +184,14 @@ class Float8Linear(nn.Module):
         """`[out, in]` in `dtype`."""
         return dequantize_weight(self.weight, self.scale, dtype)
 
+    def rows(self, rows: slice) -> "Float8Linear":
+        """The output features ``rows`` of this layer as a layer of its own, on views of the same
+        tensors (no copy; read at call time, as ``forward`` reads them)."""
+        part = Float8Linear(self.weight[rows], self.scale[rows], None if self.bias is None else self.bias[rows],
+                            mode=self.mode)
+        part.use_fast_accum = self.use_fast_accum
+        return part
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., in]` -> `[..., out]` in x's dtype."""
         if self.mode == "matmul" and self._matmul_ok(x):

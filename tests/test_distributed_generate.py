@@ -131,3 +131,19 @@ def test_without_a_seed_rank_0_draws_one_for_every_rank(tmp_path):
     single = run_launcher(tmp_path / "single", *video, seed=str(seed))
     assert single.returncode == 0, single.stderr
     assert_same_videos(tmp_path / "single", tmp_path / "par")
+
+
+def test_token_chunks_on_two_ranks_equal_one_rank_whole(tmp_path, reference):
+    """The blocks' token-wise parts in chunks (96 image tokens per rank, chunks of 40 and 56) on 2
+    ranks give what 1 rank computes whole; on 1 rank, chunked latents are bit for bit the same."""
+    video = ("--prompt", "a red fox", "--size", "128x128", "--frames", "9")  # 3x8x8 = 192 tokens
+    proc = run_launcher(tmp_path / "par", *video, "--chunk-tokens", "40", nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    whole = reference(*video)
+    assert_same_videos(whole, tmp_path / "par")
+    memory = json.loads(next((tmp_path / "par").glob("*.json")).read_text())["memory"]
+    assert memory["chunk_tokens"] == 40 and "token chunks of 40" in memory["used"]["label"]
+    single = run_launcher(tmp_path / "one", *video, "--chunk-tokens", "40")
+    assert single.returncode == 0, single.stderr
+    same = [load_file(str(p))["latents"] for p in (*_outputs(whole).values(), *_outputs(tmp_path / "one").values())]
+    assert torch.equal(*same)

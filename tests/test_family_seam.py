@@ -103,8 +103,9 @@ def test_a_toy_family_plans_and_refuses_bad_input():
     assert bad.returncode == 2 and "ulysses 3 does not divide the 4 sequence-parallel GPUs" in bad.stderr
 
 
-@pytest.mark.parametrize("knobs", [(), ("--max-gpu-memory", "9GiB", "--stream-blocks", "2"), ("--vae-tiling", "small")],
-                         ids=["no-budget", "budget-and-streaming", "small-tiles"])
+@pytest.mark.parametrize("knobs", [(), ("--max-gpu-memory", "9GiB", "--stream-blocks", "2"), ("--vae-tiling", "small"),
+                                   ("--chunk-tokens", "16")],
+                         ids=["no-budget", "budget-and-streaming", "small-tiles", "token-chunks"])
 def test_plan_prints_the_memory_plan_generate_records(tmp_path, capsys, knobs):
     from launcher.__main__ import main
 

@@ -126,29 +126,37 @@ def test_activations_shrink_with_more_gpus_while_weights_stay():
     assert acts[0] / acts[3] == pytest.approx((118_800 + 256) / (14_850 + 256))
 
 
-def release_activations(s: int, *, ulysses: int = 1, ring: int = 1, dtype_bytes: int = 2):
+def release_activations(s: int, *, ulysses: int = 1, ring: int = 1, dtype_bytes: int = 2, chunk: int | None = None):
     return dit_activations(image_tokens=s, text_tokens=256, hidden=3072, mlp_hidden=12288,
-                           ulysses=ulysses, ring=ring, dtype_bytes=dtype_bytes)
+                           ulysses=ulysses, ring=ring, dtype_bytes=dtype_bytes, chunk_tokens=chunk)
 
 
 def test_activation_formula_by_hand():
     c, m, s, n_txt, b = 3072, 12288, 29_700, 256, 2
-    block_state = b * (s + n_txt) * (8 * c + m)
+    n = s + n_txt
     est = release_activations(s, ulysses=4)
-    assert est.mlp_phase == b * (s + n_txt) * (10 * c + 3 * m)  # 22 x [S + L, C]
-    assert est.attention_phase == block_state + 9 * b * s * c  # + the all-to-all's 3 x 3 buffers
-    assert est.peak == est.mlp_phase and est.peak_phase == "MLP"
+    assert est.token_phase == b * n * 15 * c  # the q/k/v projection with its fp32 norm and RoPE temporaries
+    assert est.attention_phase == b * n * 6 * c + 9 * b * s * c  # + the all-to-all's 3 x 3 buffers
+    assert est.peak == est.token_phase and est.peak_phase == "token-wise"
     ring = release_activations(s, ring=4)
-    assert ring.attention_phase == block_state + (4 * b + 3 * b + 4) * s * c  # 4: the fp32 accumulator
+    assert ring.attention_phase == b * n * 6 * c + (4 * b + 3 * b + 4) * s * c  # 4: the fp32 accumulator
+    chunked = release_activations(s, ulysses=4, chunk=4096)
+    assert chunked.token_phase == b * max(4 * n * c + 17 * 4096 * c, 3 * n * c + 4096 * (3 * c + 2 * m))
+    assert chunked.attention_phase == b * (4 * s + 6 * n_txt) * c + 9 * b * s * c  # the text is one chunk
+    assert chunked.peak_phase == "attention"
+    # A chunk as large as the sequence is no chunk (the blocks run it whole).
+    assert release_activations(s, chunk=s) == release_activations(s)
 
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of tensors alive during the ops run under it (meta tensors work: no memory). Outputs
-    of aliasing ops (views) share their input's storage and are not counted again."""
+    of aliasing ops (views) share their input's storage and are not counted again. ``widest``:
+    the most tokens (dim 1) of any tensor made whose last dim is ``width``."""
 
-    def __init__(self):
+    def __init__(self, width: int = 0):
         super().__init__()
-        self.live = self.peak = 0
+        self.live = self.peak = self.widest = 0
+        self.width = width
 
     def _free(self, n: int) -> None:
         self.live -= n
@@ -161,13 +169,16 @@ class LiveBytes(TorchDispatchMode):
                     n = t.untyped_storage().nbytes()
                     self.live += n
                     weakref.finalize(t, self._free, n)
+                    if t.dim() == 3 and t.shape[-1] == self.width:
+                        self.widest = max(self.widest, t.shape[1])
         self.peak = max(self.peak, self.live)
         return out
 
 
-def trace_block(block_cls, s: int, n_txt: int):
-    """(peak bytes, bytes alive at the attention call) of one release-width block forward in bf16,
-    the block's inputs included, with a fused attention (outputs only, no workspace)."""
+def trace_block(block_cls, s: int, n_txt: int, chunk: int | None = None):
+    """One release-width block forward in bf16 on the meta device with a fused attention (outputs
+    only, no workspace): (peak bytes of the token-wise parts, before and after the attention call;
+    bytes alive at the call; the most tokens of any [B, tokens, M] tensor), the inputs included."""
     cfg = get_preset("hunyuan-video-13b")
     with torch.device("meta"):
         block = block_cls(cfg).to(torch.bfloat16)
@@ -176,29 +187,38 @@ def trace_block(block_cls, s: int, n_txt: int):
         vec = torch.empty(1, cfg.hidden_size, dtype=torch.bfloat16)
         cos = sin = torch.empty(s, cfg.head_dim)
     inputs = img.nbytes + txt.nbytes
-    at_attention = []
-    mode = LiveBytes()
+    mode, before = LiveBytes(cfg.mlp_hidden), []
 
     def attention(iq, ik, iv, tq, tk, tv, lens):
-        at_attention.append(mode.live)
-        return torch.empty_like(iq), torch.empty_like(tq)
+        before.append((mode.peak, mode.live))
+        out = torch.empty_like(iq), torch.empty_like(tq)
+        mode.peak = 0  # from here: the token-wise parts after attention
+        return out
 
     with torch.no_grad(), mode:
-        block(img, txt, vec, cos, sin, torch.tensor([n_txt]), attention)
-    return mode.peak + inputs, at_attention[0] + inputs
+        block(img, txt, vec, cos, sin, torch.tensor([n_txt]), attention, chunk=chunk)
+    (peak_before, at_call), peak_after = before[0], mode.peak
+    return max(peak_before, peak_after) + inputs, at_call + inputs, mode.widest
 
 
-def test_activation_formula_matches_the_blocks_live_tensors():
-    """The MLP-phase and block-state terms against the tensors the model code really holds (traced
-    on the meta device): an upper bound within 3%; the double-stream block peaks lower."""
-    s, n_txt, c, m = 8192, 256, 3072, 12288
-    est = release_activations(s)
-    peak, at_attention = trace_block(SingleStreamBlock, s, n_txt)
-    assert peak <= est.mlp_phase <= 1.03 * peak
-    block_state = 2 * (s + n_txt) * (8 * c + m)
-    assert at_attention <= block_state <= 1.03 * at_attention
-    double_peak, _ = trace_block(DoubleStreamBlock, s, n_txt)
-    assert double_peak < peak
+@pytest.mark.parametrize("block_cls", [SingleStreamBlock, DoubleStreamBlock])
+@pytest.mark.parametrize("chunk", [None, 1024])
+def test_activation_formula_matches_the_blocks_live_tensors(block_cls, chunk):
+    """The token-wise and held-at-attention terms against the tensors the model code really holds
+    (traced on the meta device): upper bounds within 3%. Chunked, no [tokens, M] tensor (the
+    MLP's hidden) ever holds more than one chunk."""
+    s, n_txt, c, b = 8192, 256, 3072, 2
+    est = release_activations(s, chunk=chunk)
+    token_wise, at_attention, widest = trace_block(block_cls, s, n_txt, chunk)
+    assert token_wise <= est.token_phase <= 1.03 * token_wise
+    held = est.attention_phase - 4 * b * s * c  # less the steady attention buffers
+    assert 0.999 * at_attention <= held <= 1.03 * at_attention  # neglected: the modulation vectors [1, 6C]
+    assert widest <= (chunk or s) + 16
+
+
+def test_chunks_bound_the_blocks_peak_by_attention():
+    whole, chunked = (release_activations(118_800, chunk=c) for c in (None, 4096))
+    assert chunked.peak == chunked.attention_phase and chunked.peak < whole.peak / 1.8
 
 
 def test_vae_tiles_follow_the_tiling_rules():
@@ -240,6 +260,18 @@ def test_cli_table(capsys):
     assert "by table configs/topology/hunyuan_video.yaml: row 720x1280x129" in out
     assert "118,800 image tokens" in out and "per rank: 29,700 image tokens" in out
     assert "DiT weights       23.88" in out
+
+
+def test_cli_6gib_on_one_gpu_plans_with_token_chunks(capsys):
+    rc, out, err = cli("--size", "384x512", "--frames", "129", "--gpus", "1", "--max-gpu-memory", "6GiB", capsys=capsys)
+    assert rc == 0 and err == ""
+    assert "token chunks of 4096" in out and "7 chunks of this rank's 25,344 image tokens" in out
+    assert "no NCCL (one process)" in out and "text phase: not counted" in out
+    rc, out, _ = cli("--size", "384x512", "--frames", "129", "--gpus", "1", "--max-gpu-memory", "6GiB",
+                     "--with-text-encoder", "--json", capsys=capsys)
+    chosen = json.loads(out)["memory_plan"]["chosen"]
+    assert rc == 0 and chosen["stream_text"] and chosen["text_phase_bytes"] <= 6 * GIB
+    assert chosen["chunk_tokens"] == 4096 and chosen["runtime_overhead_bytes"]["nccl"] == 0
 
 
 def test_cli_json_has_the_plans_numbers(capsys):

@@ -3,10 +3,13 @@
 Every block is per-token except its attention, which goes through the joint-attention callable
 passed in at call time (see models/attention.py), so sequence parallelism never touches this file.
 Layouts: image tokens `[B, S, C]` (S may be a shard), text tokens `[B, L, C]` (always whole),
-vec `[B, C]`, RoPE cos/sin `[S, head_dim]` for exactly the image tokens given.
+vec `[B, C]`, RoPE cos/sin `[S, head_dim]` for exactly the image tokens given. A block's
+``chunk`` (max tokens, None = all) runs its token-wise parts in token chunks (models/chunking.py).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from ..attention import JointAttention
+from ..chunking import by_chunks, linear_rows
 from .config import HunyuanVideoConfig
 from .layers import (
     MLP,
@@ -87,8 +91,23 @@ class TokenRefiner(nn.Module):
         return x
 
 
+def qkv_tokens(x, span: slice, *, eps, shift, scale, project, q_norm, k_norm, heads, rope=None):
+    """q, k, v `[B, T, H, D]` of the tokens ``span`` of x `[B, S, C]`: modulated LayerNorm, the
+    fused projection ``project`` (-> `[B, T, 3C]`), RMS-normed q and k, RoPE rows ``rope`` (cos,
+    sin `[S, D]`, image tokens only) of the same span. Per token: any chunk gives the same rows."""
+    q, k, v = _split_heads(project(modulate(layer_norm(x[:, span], eps), shift, scale)), heads)
+    q, k = q_norm(q).to(v.dtype), k_norm(k).to(v.dtype)
+    if rope is not None:
+        cos, sin = rope[0][span], rope[1][span]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v
+
+
 class DoubleStreamBlock(nn.Module):
-    """Separate weights for image and text tokens, one joint attention over both."""
+    """Separate weights for image and text tokens, one joint attention over both.
+
+    ``chunk``: at most this many tokens at a time through the token-wise parts (models/chunking.py);
+    the joint attention always sees every token."""
 
     def __init__(self, cfg: HunyuanVideoConfig):
         super().__init__()
@@ -102,30 +121,39 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{s}_attn_proj", nn.Linear(c, c))
             setattr(self, f"{s}_mlp", MLP(c, cfg.mlp_hidden, nn.GELU(approximate="tanh")))
 
-    def _qkv(self, stream: str, x: torch.Tensor, shift, scale):
-        q, k, v = _split_heads(getattr(self, f"{stream}_attn_qkv")(modulate(layer_norm(x, self.eps), shift, scale)), self.heads)
-        q = getattr(self, f"{stream}_attn_q_norm")(q).to(v.dtype)
-        k = getattr(self, f"{stream}_attn_k_norm")(k).to(v.dtype)
-        return q, k, v
+    def _qkv(self, stream: str, x, mod, chunk, rope=None):
+        part = partial(qkv_tokens, x, eps=self.eps, shift=mod[0], scale=mod[1], heads=self.heads, rope=rope,
+                       project=getattr(self, f"{stream}_attn_qkv"), q_norm=getattr(self, f"{stream}_attn_q_norm"),
+                       k_norm=getattr(self, f"{stream}_attn_k_norm"))
+        return by_chunks(part, x.shape[1], chunk)
 
-    def _finish(self, stream: str, x, attn, mod) -> torch.Tensor:
+    def _finish(self, stream: str, x, attn, mod, chunk) -> torch.Tensor:
+        """x + gated projection of attn `[B, S, H, D]`, then + the gated MLP, chunk by chunk."""
         _, _, gate1, shift2, scale2, gate2 = mod
-        x = x + gate(getattr(self, f"{stream}_attn_proj")(attn.flatten(2)), gate1)
-        mlp_in = modulate(layer_norm(x, self.eps), shift2, scale2)
-        return x + gate(getattr(self, f"{stream}_mlp")(mlp_in), gate2)
+        proj, mlp = getattr(self, f"{stream}_attn_proj"), getattr(self, f"{stream}_mlp")
 
-    def forward(self, img, txt, vec, cos, sin, txt_lens, attention: JointAttention):
+        def part(span: slice) -> torch.Tensor:
+            h = x[:, span] + gate(proj(attn[:, span].flatten(2)), gate1)
+            return h + gate(mlp(modulate(layer_norm(h, self.eps), shift2, scale2)), gate2)
+
+        return by_chunks(part, x.shape[1], chunk)
+
+    def forward(self, img, txt, vec, cos, sin, txt_lens, attention: JointAttention, chunk: int | None = None):
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
-        img_q, img_k, img_v = self._qkv("img", img, img_mod[0], img_mod[1])
-        txt_q, txt_k, txt_v = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
-        img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
-        img_attn, txt_attn = attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens)
-        return self._finish("img", img, img_attn, img_mod), self._finish("txt", txt, txt_attn, txt_mod)
+        img_attn, txt_attn = attention(*self._qkv("img", img, img_mod, chunk, (cos, sin)),
+                                       *self._qkv("txt", txt, txt_mod, chunk), txt_lens)
+        img = self._finish("img", img, img_attn, img_mod, chunk)
+        del img_attn  # before the text's MLP allocates
+        return img, self._finish("txt", txt, txt_attn, txt_mod, chunk)
 
 
 class SingleStreamBlock(nn.Module):
     """Shared weights over [image, text] tokens; attention and MLP computed in parallel from one
-    input projection (`linear1` -> q, k, v, mlp) and fused back by `linear2`."""
+    input projection (`linear1` -> q, k, v, mlp) and fused back by `linear2`.
+
+    The two parts of `linear1` are computed apart (the same weights, sliced by output feature):
+    q, k, v before attention, the MLP input after it, so the MLP's `[B, S, M]` is never held
+    across the attention, and under ``chunk`` exists for one chunk at a time."""
 
     def __init__(self, cfg: HunyuanVideoConfig):
         super().__init__()
@@ -137,25 +165,31 @@ class SingleStreamBlock(nn.Module):
         self.k_norm = RMSNorm(d, cfg.norm_eps)
         self.modulation = Modulation(c, 3)
 
-    def forward(self, img, txt, vec, cos, sin, txt_lens, attention: JointAttention):
+    def _qkv(self, x, mod, chunk, rope=None):
+        part = partial(qkv_tokens, x, eps=self.eps, shift=mod[0], scale=mod[1], heads=self.heads, rope=rope,
+                       project=linear_rows(self.linear1, slice(0, 3 * self.hidden)), q_norm=self.q_norm,
+                       k_norm=self.k_norm)
+        return by_chunks(part, x.shape[1], chunk)
+
+    def _finish(self, x, attn, mod, chunk) -> torch.Tensor:
+        """x + gated linear2([attn, GELU(mlp)]), the MLP input recomputed from x, chunk by chunk."""
+        shift, scale, g = mod
+        mlp_in = linear_rows(self.linear1, slice(3 * self.hidden, None))
+
+        def part(span: slice) -> torch.Tensor:
+            mlp = F.gelu(mlp_in(modulate(layer_norm(x[:, span], self.eps), shift, scale)), approximate="tanh")
+            return x[:, span] + gate(self.linear2(torch.cat([attn[:, span].flatten(2), mlp], dim=-1)), g)
+
+        return by_chunks(part, x.shape[1], chunk)
+
+    def forward(self, img, txt, vec, cos, sin, txt_lens, attention: JointAttention, chunk: int | None = None):
         """Image and text stay separate tensors here (same math as the release's concatenation),
         so that a shard of image tokens never has to be joined with the whole text."""
-        shift, scale, g = self.modulation(vec)
-        qkv_parts, mlp_parts = [], []
-        for x in (img, txt):
-            h = self.linear1(modulate(layer_norm(x, self.eps), shift, scale))
-            qkv, mlp = h.split([3 * self.hidden, self.mlp_hidden], dim=-1)
-            q, k, v = _split_heads(qkv, self.heads)
-            qkv_parts.append((self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype), v))
-            mlp_parts.append(mlp)
-        (img_q, img_k, img_v), (txt_q, txt_k, txt_v) = qkv_parts
-        img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
-        attns = attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, txt_lens)
-        outs = []
-        for x, attn, mlp in zip((img, txt), attns, mlp_parts):
-            fused = torch.cat([attn.flatten(2), F.gelu(mlp, approximate="tanh")], dim=-1)
-            outs.append(x + gate(self.linear2(fused), g))
-        return outs[0], outs[1]
+        mod = self.modulation(vec)
+        img_attn, txt_attn = attention(*self._qkv(img, mod, chunk, (cos, sin)), *self._qkv(txt, mod, chunk), txt_lens)
+        img = self._finish(img, img_attn, mod, chunk)
+        del img_attn
+        return img, self._finish(txt, txt_attn, mod, chunk)
 
 
 class FinalLayer(nn.Module):
@@ -167,9 +201,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_dim_out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.linear(modulate(layer_norm(x, self.eps), shift, scale))
+        return by_chunks(lambda span: self.linear(modulate(layer_norm(x[:, span], self.eps), shift, scale)),
+                         x.shape[1], chunk)
 
 
 __all__ = ["TokenRefiner", "DoubleStreamBlock", "SingleStreamBlock", "FinalLayer"]

@@ -35,6 +35,16 @@ class HunyuanVideoDiT(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
         self.final_layer = FinalLayer(cfg)
         self.set_attention(attention or sdpa_joint_attention)
+        self.set_token_chunk(None)
+
+    def set_token_chunk(self, tokens: int | None) -> None:
+        """Run the blocks' and final layer's token-wise parts over chunks of at most ``tokens``
+        tokens (None: all at once); the result is the same (models/chunking.py), the peak lower."""
+        self.__dict__["_token_chunk"] = tokens
+
+    @property
+    def token_chunk(self) -> int | None:
+        return self.__dict__["_token_chunk"]
 
     def set_attention(self, attention: JointAttention) -> None:
         """Swap the joint attention every block uses (kept out of the module tree on purpose:
@@ -87,8 +97,8 @@ class HunyuanVideoDiT(nn.Module):
         t = self.txt_in(txt.to(dtype), timestep, valid)
         rope_cos, rope_sin = rope_cos.to(img.device), rope_sin.to(img.device)
         for block in (*self.double_blocks, *self.single_blocks):
-            x, t = block(x, t, vec, rope_cos, rope_sin, txt_lens, self.attention)
-        return self.final_layer(x, vec)
+            x, t = block(x, t, vec, rope_cos, rope_sin, txt_lens, self.attention, chunk=self.token_chunk)
+        return self.final_layer(x, vec, chunk=self.token_chunk)
 
 
 __all__ = ["HunyuanVideoDiT", "patchify", "unpatchify"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..chunking import chunk_dit
 from ..demo import WEIGHTS_DIR as DEMO_WEIGHTS_DIR
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
 from ..tokens import build_dit
@@ -173,6 +174,7 @@ FAMILY = ModelFamily(
                 calibrated=lambda cfg: cfg.vae_preset == "hunyuan-video", note=vae_note),
     check_model_dir=check_model_dir,
     forward_work=forward_work,
+    set_token_chunk=chunk_dit,
     weight_files=weight_files,
     guidance="embedded",
     default_negative_prompt=NEGATIVE_PROMPT,

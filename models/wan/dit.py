@@ -49,6 +49,7 @@ class WanDiT(KeepsFp32):
         )
         self.head = Head(c, cfg.patch_dim_out, cfg.eps)
         self.set_attention(attention or sdpa_joint_attention)
+        self.set_token_chunk(None)
 
     def _keeps_fp32(self, name: str) -> bool:
         if name.startswith("blocks."):
@@ -63,6 +64,15 @@ class WanDiT(KeepsFp32):
     @property
     def attention(self) -> JointAttention:
         return self.__dict__["_attention"]
+
+    def set_token_chunk(self, tokens: int | None) -> None:
+        """Run the blocks' and head's token-wise parts over chunks of at most ``tokens`` tokens
+        (None: all at once); the result is the same (models/chunking.py), the peak lower."""
+        self.__dict__["_token_chunk"] = tokens
+
+    @property
+    def token_chunk(self) -> int | None:
+        return self.__dict__["_token_chunk"]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -121,8 +131,8 @@ class WanDiT(KeepsFp32):
         x = F.linear(img.to(cdt), w.weight.flatten(1), w.bias)  # the Conv3d (kernel = stride) on tokens
         rope_cos, rope_sin = rope_cos.to(img.device), rope_sin.to(img.device)
         for block in self.blocks:
-            x = block(x, e0, rope_cos, rope_sin, context, self.attention)
-        return self._head_to_tokens(self.head(x, e))
+            x = block(x, e0, rope_cos, rope_sin, context, self.attention, chunk=self.token_chunk)
+        return self._head_to_tokens(self.head(x, e, chunk=self.token_chunk))
 
 
 __all__ = ["WanDiT", "patchify", "unpatchify"]

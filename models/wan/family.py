@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..chunking import chunk_dit
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
 from ..tokens import build_dit
 from ..weights import init_random_
@@ -156,6 +157,7 @@ FAMILY = ModelFamily(
                 tile_shape=_tile_shape, weight_bytes=_vae_weight_bytes, dtype_on_gpu=torch.float32),
     check_model_dir=check_model_dir,
     forward_work=forward_work,
+    set_token_chunk=chunk_dit,
     weight_files=weight_files,
     scheduler=FlowUniPC,
     guidance="cfg",

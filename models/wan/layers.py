@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..chunking import by_chunks
 from ..hunyuan_video.rope import rotate_half
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -152,33 +153,41 @@ class _Attention(nn.Module):
         """`[B, N, C]` -> `[B, N, H, C/H]`."""
         return x.unflatten(-1, (self.num_heads, -1))
 
-    def _project(self, x: torch.Tensor, context: torch.Tensor, cdt: torch.dtype):
-        """q from x, k/v from context, each `[B, N, H, D]`; the projections run in `cdt`, q and
-        k come out wide (normed), v in cdt."""
-        x, context = x.to(cdt), context.to(cdt)
-        q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(context)))
-        return q, k, self._heads(self.v(context))
+    def _q(self, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+        """q `[B, N, H, D]` of x `[B, N, C]`: projected in `cdt`, normed (wide)."""
+        return self._heads(self.norm_q(self.q(x.to(cdt))))
+
+    def _kv(self, context: torch.Tensor, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """k (normed, wide) and v (cdt) `[B, L, H, D]` of context `[B, L, C]`, projected in `cdt`."""
+        context = context.to(cdt)
+        return self._heads(self.norm_k(self.k(context))), self._heads(self.v(context))
 
 
 class SelfAttention(_Attention):
-    def forward(self, x, rope_cos, rope_sin, attention, cdt: torch.dtype) -> torch.Tensor:
-        """x `[B, S, C]` (S possibly a shard), rope `[S, D]` -> `[B, S, C]` in `cdt`.
+    """The projections around the joint attention, which the block calls between them (so that the
+    token-wise parts can run in token chunks while attention sees every token)."""
 
-        `attention` is the joint-attention callable, called with no text (`txt_q=None`)."""
-        q, k, v = self._project(x, x, cdt)
-        q = apply_rope(q, rope_cos, rope_sin).to(cdt)
-        k = apply_rope(k, rope_cos, rope_sin).to(cdt)
-        out = attention(q, k, v, None, None, None, None)[0]
-        return self.o(out.flatten(2).to(cdt))
+    def qkv(self, x, rope_cos, rope_sin, cdt: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """x `[B, T, C]` (any span of tokens), its RoPE rows `[T, D]` -> q, k, v `[B, T, H, D]`
+        in `cdt` for the joint-attention callable (called with no text, `txt_q=None`)."""
+        q, (k, v) = self._q(x, cdt), self._kv(x, cdt)
+        return apply_rope(q, rope_cos, rope_sin).to(cdt), apply_rope(k, rope_cos, rope_sin).to(cdt), v
+
+    def out(self, attn: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+        """The attention's output `[B, T, H, D]` -> `[B, T, C]` in `cdt`."""
+        return self.o(attn.flatten(2).to(cdt))
 
 
 class CrossAttention(_Attention):
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x `[B, S, C]` attends to all of context `[B, L, C]` (no key mask, as the release's
-        t2v: padded text tokens are keys too) -> `[B, S, C]` in context's dtype (the cdt)."""
-        cdt = context.dtype
-        q, k, v = (t.to(cdt).transpose(1, 2) for t in self._project(x, context, cdt))  # [B, H, N, D]
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v `[B, H, L, D]` in context's dtype (the cdt): once per block, whatever the chunks."""
+        return tuple(t.to(context.dtype).transpose(1, 2) for t in self._kv(context, context.dtype))
+
+    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x `[B, T, C]` (any span of tokens) attends to all of the text's ``text_kv`` (no key
+        mask, as the release's t2v: padded text tokens are keys too) -> `[B, T, C]` in the cdt."""
+        k, v = text_kv
+        q = self._q(x, k.dtype).to(k.dtype).transpose(1, 2)  # [B, H, T, D]
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).flatten(2))
 
@@ -206,17 +215,28 @@ class WanBlock(KeepsFp32):
     def _keeps_fp32(self, name: str) -> bool:
         return block_keeps_fp32(name)
 
-    def forward(self, x, e0, rope_cos, rope_sin, context, attention) -> torch.Tensor:
+    def forward(self, x, e0, rope_cos, rope_sin, context, attention, chunk: int | None = None) -> torch.Tensor:
         """x `[B, S, C]`, e0 `[B, 6, C]` (wide), rope `[S, D]`, context `[B, L, C]` (embedded
         text, in the matmul dtype cdt) -> `[B, S, C]` wide (x + a wide gate times a cdt update
-        promotes, as in the release)."""
+        promotes, as in the release). ``chunk``: at most this many tokens at a time through
+        everything but the self-attention (models/chunking.py)."""
         wide, cdt = e0.dtype, context.dtype
         shift, scale, g, ffn_shift, ffn_scale, ffn_g = (self.modulation.to(wide) + e0).chunk(6, dim=1)
-        h = layer_norm(x, self.eps).to(wide) * (1 + scale) + shift
-        x = x + self.self_attn(h, rope_cos, rope_sin, attention, cdt) * g
-        x = x + self.cross_attn(self.norm3(x), context)
-        h = layer_norm(x, self.eps).to(wide) * (1 + ffn_scale) + ffn_shift
-        return x + self.ffn(h.to(cdt)) * ffn_g
+
+        def qkv(span: slice) -> tuple[torch.Tensor, ...]:
+            h = layer_norm(x[:, span], self.eps).to(wide) * (1 + scale) + shift
+            return self.self_attn.qkv(h, rope_cos[span], rope_sin[span], cdt)
+
+        attn = attention(*by_chunks(qkv, x.shape[1], chunk), None, None, None, None)[0]
+        text_kv = self.cross_attn.text_kv(context)
+
+        def rest(span: slice) -> torch.Tensor:
+            y = x[:, span] + self.self_attn.out(attn[:, span], cdt) * g
+            y = y + self.cross_attn(self.norm3(y), text_kv)
+            h = layer_norm(y, self.eps).to(wide) * (1 + ffn_scale) + ffn_shift
+            return y + self.ffn(h.to(cdt)) * ffn_g
+
+        return by_chunks(rest, x.shape[1], chunk)
 
 
 class Head(nn.Module):
@@ -230,13 +250,16 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, out_features)
         self.modulation = nn.Parameter(torch.empty(1, 2, dim))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """x `[B, S, C]`, e `[B, C]` (both wide) -> `[B, S, pt*ph*pw*C_out]` wide, ordered
-        (pt, ph, pw, c) within a token as the release's head emits it."""
+        (pt, ph, pw, c) within a token as the release's head emits it; ``chunk`` tokens at a time."""
         wide = e.dtype
         shift, scale = (self.modulation.to(wide) + e.unsqueeze(1)).chunk(2, dim=1)
-        h = layer_norm(x.to(wide), self.eps) * (1 + scale) + shift
-        return linear_in(self.head, h, wide)
+
+        def part(span: slice) -> torch.Tensor:
+            return linear_in(self.head, layer_norm(x[:, span].to(wide), self.eps) * (1 + scale) + shift, wide)
+
+        return by_chunks(part, x.shape[1], chunk)
 
 
 __all__ = [
