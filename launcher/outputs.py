@@ -59,7 +59,8 @@ class VideoWriter:
             # Every rank of the replica ran this prompt: gather its ranks' peaks, in step.
             mine = {"host": hostname(), **peak_memory(self.job.device)}
             peaks = self.mesh.gather_objects(mine, REPLICA_AXES) if self.mesh is not None else [mine]
-            if not (self.is_writer or self._decode_path(plan)[0] == SHARED):
+            shares = not self.job.cfg.no_video and self._decode_path(plan)[0] == SHARED
+            if not (self.is_writer or shares):
                 return
             item = (i, latents, step_s, peaks, plan, memory_record(self.job, plan, oom, host), attention)
             if inline:

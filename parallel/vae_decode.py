@@ -69,6 +69,7 @@ def run_tiled(work, mesh: ParallelMesh | None, axes: Sequence[MeshAxis] = REPLIC
         return TiledRun(result, [len(work)], [time.perf_counter() - start])
     group = mesh.group(*axes)
     rank = group.rank()
+    _check_same_grid(len(work), group, mesh)
     runs = balanced_runs(work.costs(), group.size())
     if rank == 0:
         result = work.stitch(_tiles_in_order(work, runs, group, mesh))
@@ -77,6 +78,20 @@ def run_tiled(work, mesh: ParallelMesh | None, axes: Sequence[MeshAxis] = REPLIC
     mine = {"tiles": len(runs[rank]), "seconds": time.perf_counter() - start}
     stats = mesh.gather_objects(mine, axes)
     return TiledRun(result, [s["tiles"] for s in stats], [s["seconds"] for s in stats])
+
+
+def _check_same_grid(tiles: int, group, mesh: ParallelMesh) -> None:
+    """Every rank says how many tiles its grid has and the first rank checks them: different
+    latents on different ranks would otherwise stitch a wrong video (or wait at the timeout)."""
+    mine = torch.tensor([tiles], dtype=torch.int64, device=mesh.device)
+    if group.rank() != 0:
+        dist.isend(mine, dist.get_global_rank(group, 0), group=group).wait(mesh.timeout)
+        return
+    for r in range(1, group.size()):
+        theirs = torch.empty_like(mine)
+        dist.irecv(theirs, dist.get_global_rank(group, r), group=group).wait(mesh.timeout)
+        if int(theirs) != tiles:
+            raise RuntimeError(f"shared VAE pass: group rank {r} has {int(theirs)} tiles, the first rank {tiles}")
 
 
 def _tiles_in_order(work, runs: list[range], group, mesh: ParallelMesh) -> Iterator[torch.Tensor]:
