@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import torch
 
 from parallel.backends import AttentionChoice
 from parallel.mesh import REPLICA_AXES, MeshAxis, ParallelMesh
+from parallel.vae_decode import run_tiled
 
 from . import pipeline as ph
 from .memory_plan import MemoryPlan
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
     from .job import Job
 
 log = logging.getLogger("launcher")
+# The record's `vae_decode.path`: tiles over every rank of the replica, or the first rank alone.
+SHARED, FIRST_RANK = "shared-tiles", "first-rank"
 # The two names torch reads its allocator settings from.
 ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
@@ -34,8 +38,9 @@ class VideoWriter:
     """Decodes and writes each prompt's video on the first rank of its replica. When the VAE
     fits beside the placed DiT (``MemoryPlan.decodes_beside_dit``) a video is written as soon as
     its prompt is done, so a stopped batch keeps what it finished; otherwise the latents wait
-    (on the host) until the DiT is freed. ``done`` holds the prompts finished, which an OOM
-    fallback does not run again."""
+    (on the host) until the DiT is freed, on every rank. A tiled decode is shared: every rank of
+    the replica decodes a run of the tiles (``parallel.vae_decode``) and the first one stitches
+    and writes. ``done`` holds the prompts finished, which an OOM fallback does not run again."""
 
     def __init__(self, job: Job, mesh: ParallelMesh | None, timer: PhaseTimer):
         self.job, self.mesh, self.timer = job, mesh, timer
@@ -54,7 +59,8 @@ class VideoWriter:
             # Every rank of the replica ran this prompt: gather its ranks' peaks, in step.
             mine = {"host": hostname(), **peak_memory(self.job.device)}
             peaks = self.mesh.gather_objects(mine, REPLICA_AXES) if self.mesh is not None else [mine]
-            if not self.is_writer:
+            shares = not self.job.cfg.no_video and self._decode_path(plan)[0] == SHARED
+            if not (self.is_writer or shares):
                 return
             item = (i, latents, step_s, peaks, plan, memory_record(self.job, plan, oom, host), attention)
             if inline:
@@ -64,23 +70,53 @@ class VideoWriter:
 
         return finished
 
+    def _decode_path(self, plan: MemoryPlan) -> tuple[str, str]:
+        """(path, why): ``SHARED`` (every rank of the replica decodes tiles) or ``FIRST_RANK``."""
+        family, tiling = self.job.family, plan.placement.vae_tiling
+        replica = 1 if self.mesh is None else self.mesh.size(MeshAxis.CFG) * self.mesh.sp_size
+        if replica == 1:
+            return FIRST_RANK, "a replica of one rank"
+        if tiling == "off":
+            return FIRST_RANK, "untiled (--vae-tiling off): one pass cannot be split by tiles"
+        if family.vae.split_decode is None:
+            return FIRST_RANK, f"the {family.name} VAE has no tiles to split"
+        return SHARED, f"{ph.decode_tiling(family, tiling)} tiles over the {replica} ranks of the replica"
+
+    def _decode(self, latents: torch.Tensor, plan: MemoryPlan) -> tuple[torch.Tensor | None, dict]:
+        """The video (on the first rank; None on the others) and the record's ``vae_decode``."""
+        job, timer = self.job, self.timer
+        if self.vae is None:
+            with timer.phase("load_vae"):
+                self.vae = ph.load_vae(job.family, job.dit, job.cfg.model_dir, job.device)
+        path, why = self._decode_path(plan)
+        tiling = ph.decode_tiling(job.family, plan.placement.vae_tiling)
+        start = time.perf_counter()
+        with timer.phase("vae_decode"):
+            if path == SHARED:
+                run = run_tiled(job.family.vae.split_decode(self.vae, latents, tiling), self.mesh)
+                video, tiles, seconds = run.result, run.tiles_per_rank, run.seconds_per_rank
+            else:
+                video = ph.decode(job.family, self.vae, latents, tiling)
+                tiles, seconds = None, None
+        info = {"path": path, "why": why, "tiling": tiling, "seconds": time.perf_counter() - start,
+                "tiles_per_rank": tiles, "seconds_per_rank": seconds}
+        return video, info
+
     def _write(self, i, latents, step_s, peaks, plan, memory, attention) -> None:
         from .video import whole_or_none, write_json_atomic
 
         job, cfg, timer = self.job, self.job.cfg, self.timer
-        video = None
+        video, decode = None, None
         if not cfg.no_video:
-            if self.vae is None:
-                with timer.phase("load_vae"):
-                    self.vae = ph.load_vae(job.family, job.dit, cfg.model_dir, job.device)
-            with timer.phase("vae_decode"):
-                video = ph.decode(job.family, self.vae, latents, plan.placement.vae_tiling)
+            video, decode = self._decode(latents, plan)
+        if not self.is_writer:
+            return
         replace = cfg.overwrite or cfg.skip_existing
         try:
             with whole_or_none(job.paths[i].values()):
                 with timer.phase("write"):
                     ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=replace)
-                rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory}
+                rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory, "vae_decode": decode}
                 write_json_atomic(rec, job.paths[i]["record"], overwrite=replace)
         except OSError as err:  # a full disk or a folder gone read-only: one line, nothing partial kept
             raise ph.RankFailure(f"writing prompt {i + 1}'s outputs to {cfg.output_dir} failed "

@@ -169,11 +169,15 @@ def tokens_to_latents(family: ModelFamily, dit, tokens: torch.Tensor, size: Size
     return family.unpatchify(tokens, dit.token_grid(*size), dit.patch_size)
 
 
+def decode_tiling(family: ModelFamily, tiling: str) -> str:
+    """``tiling`` "auto" without a plan: the family's default tiles."""
+    return family.vae.tilings[0] if tiling == "auto" else tiling
+
+
 def decode(family: ModelFamily, vae, latents: torch.Tensor, tiling: str) -> torch.Tensor:
     """DiT latents `[1, C, T, h, w]` -> video `[3, F, H, W]` in [-1, 1] on the CPU, in the VAE's
-    dtype (``launcher.video.frame_uint8`` converts it as the release does). ``tiling`` "auto"
-    without a plan: the family's default tiles."""
-    return family.vae.decode(vae, latents, family.vae.tilings[0] if tiling == "auto" else tiling)
+    dtype (``launcher.video.frame_uint8`` converts it as the release does), on this rank alone."""
+    return family.vae.decode(vae, latents, decode_tiling(family, tiling))
 
 
 def write_outputs(paths: dict[str, Path], video: torch.Tensor | None, latents: torch.Tensor, *, fps: int,

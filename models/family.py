@@ -71,11 +71,19 @@ class VaeSpec:
     above its weights; ``tile_shape(latent, tiling)`` -> the largest tile it decodes;
     ``weight_bytes(dit_config)`` -> its weights in ``dtype_on_gpu``; ``calibrated(dit_config)``:
     whether the decode model was measured for this preset's VAE; ``note(latent, tiling)`` -> an
-    extrapolation the estimate makes, or None."""
+    extrapolation the estimate makes, or None.
+
+    Tiles for several ranks (``models.vae_tiles.TiledPass``: the tiles of the same grid and the
+    same stitch as ``decode``, so shared tiles give the same frames): ``split_decode(vae, latents,
+    tiling)`` for a tiling other than "off", its ``stitch`` giving what ``decode`` returns;
+    ``split_encode(vae, video [3, F, H, W], tiling)``, its ``stitch`` giving DiT latents
+    ``[1, C, T, h, w]`` on the CPU. None: the family's pass cannot be split (the first rank runs it)."""
 
     load: Callable[..., nn.Module]
     decode: Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
     tilings: tuple[str, ...]
+    split_decode: Callable[[nn.Module, torch.Tensor, str], Any] | None = None
+    split_encode: Callable[[nn.Module, torch.Tensor, str], Any] | None = None
     decode_bytes: Callable[[tuple[int, int, int], str], int] = lambda latent, tiling: 0
     tile_shape: Callable[[tuple[int, int, int], str], tuple[int, int, int]] = lambda latent, tiling: latent
     weight_bytes: Callable[[Any], int] = lambda cfg: 0

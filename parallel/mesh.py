@@ -129,6 +129,8 @@ class ParallelMesh:
     rank: int
     world_group: dist.ProcessGroup
     _groups: Mapping[tuple[MeshAxis, ...], dist.ProcessGroup] = field(repr=False)
+    # The job's timeout, which every group got; for the waits on point-to-point work.
+    timeout: _dt.timedelta = _dt.timedelta(seconds=DEFAULT_TIMEOUT_S)
 
     def group(self, *axes: MeshAxis | str) -> dist.ProcessGroup:
         key = tuple(MeshAxis(a) for a in axes)
@@ -265,7 +267,7 @@ def build_parallel_mesh(
         mesh_dim_names=tuple(a.value for a in MESH_AXES),
     )
     return ParallelMesh(topology=topology, device_mesh=mesh, device=device, rank=rank, world_group=dist.group.WORLD,
-                        _groups=groups)
+                        _groups=groups, timeout=timeout)
 
 
 def _default_group_timeout(device: torch.device) -> _dt.timedelta:

@@ -147,3 +147,21 @@ def test_token_chunks_on_two_ranks_equal_one_rank_whole(tmp_path, reference):
     assert single.returncode == 0, single.stderr
     same = [load_file(str(p))["latents"] for p in (*_outputs(whole).values(), *_outputs(tmp_path / "one").values())]
     assert torch.equal(*same)
+
+
+TILED = ("--size", "144x144", "--frames", "5", "--vae-tiling", "small")  # 18x18 latents: 4 tiles of 16
+
+
+@pytest.mark.parametrize("nproc, topo", [(2, ()), (4, ("--ulysses", "2", "--ring", "2"))], ids=["2p", "4p"])
+def test_shared_tiled_decode_equals_single_process(tmp_path, reference, nproc, topo):
+    """Every rank of the replica decodes a run of the tiles; the frames equal one process's."""
+    flags = ("--prompt", "a red fox", *TILED)
+    proc = run_launcher(tmp_path, *flags, *topo, nproc=nproc)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_videos(reference(*flags), tmp_path)
+    decode = json.loads(next(tmp_path.glob("*.json")).read_text())["vae_decode"]
+    assert decode["path"] == "shared-tiles" and decode["tiling"] == "small"
+    assert len(decode["tiles_per_rank"]) == nproc and sum(decode["tiles_per_rank"]) == 4
+    assert decode["tiles_per_rank"][1] > 0 and len(decode["seconds_per_rank"]) == nproc
+    single = json.loads(next(reference(*flags).glob("*.json")).read_text())["vae_decode"]
+    assert single["path"] == "first-rank" and single["why"] == "a replica of one rank"

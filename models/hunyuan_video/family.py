@@ -13,6 +13,7 @@ from ..chunking import chunk_dit
 from ..demo import WEIGHTS_DIR as DEMO_WEIGHTS_DIR
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
 from ..tokens import build_dit
+from ..vae_tiles import TiledPass
 from ..weights import init_random_
 from .config import PRESETS, HunyuanVideoConfig
 from .cost import forward_work
@@ -136,11 +137,62 @@ def load_vae_for(model_dir: Path | None, cfg: HunyuanVideoConfig, *, device, dty
 def decode(vae, latents: torch.Tensor, tiling: str) -> torch.Tensor:
     """DiT latents `[1, C, T, h, w]` -> video `[3, F, H, W]` in [-1, 1] on the CPU, in the VAE's
     dtype (the release maps to [0, 1] in that dtype before converting to uint8)."""
+    if tiling != "off":
+        return split_decode(vae, latents, tiling)()
+    return _finish_video(vae.decode(_vae_space(vae, latents), clamp=False))
+
+
+def _vae_space(vae, latents: torch.Tensor) -> torch.Tensor:
+    """DiT latents -> the VAE's own space, on its device and in its dtype (as `vae.decode` casts)."""
+    z = latents.to(vae.post_quant_conv.weight.device) / vae.config.scaling_factor
+    return z.to(vae.post_quant_conv.weight)
+
+
+def _finish_video(video: torch.Tensor) -> torch.Tensor:
+    return video.clamp_(-1, 1)[0].cpu()
+
+
+def _no_grad(fn):
+    """A tile map without autograd (``vae.decode`` runs under no_grad; its tiles must too)."""
+
+    def run(window):
+        with torch.no_grad():
+            return fn(window)
+
+    return run
+
+
+def _tiling(tiling):
+    """A tiling name ("release", "small") or a ``vae_tiling.TilingConfig`` -> the config."""
     from .vae_tiling import TILING_PRESETS
 
-    z = latents.to(vae.post_quant_conv.weight.device) / vae.config.scaling_factor
-    video = vae.decode(z, tiling=None if tiling == "off" else TILING_PRESETS[tiling])
-    return video[0].cpu()
+    return TILING_PRESETS[tiling] if isinstance(tiling, str) else tiling
+
+
+def split_decode(vae, latents: torch.Tensor, tiling) -> TiledPass:
+    """The tiled decode as tiles of the release's plan (``decode`` runs the same pass); ``tiling``
+    a name or a ``TilingConfig``."""
+    from .vae_tiling import decode_grid
+
+    z, cfg = _vae_space(vae, latents), vae.config
+    grid = decode_grid(tuple(z.shape[2:]), _tiling(tiling), cfg.time_compression_ratio,
+                       cfg.spatial_compression_ratio)
+    return TiledPass(grid, _no_grad(lambda w: vae.decode_tile(z[(slice(None), slice(None), *w)])), _finish_video)
+
+
+def split_encode(vae, video: torch.Tensor, tiling) -> TiledPass:
+    """Video `[3, F, H, W]` in [-1, 1] -> DiT latents `[1, 16, T, h, w]` (the posterior mean x
+    scaling_factor, on the CPU in the VAE's dtype), as tiles of the release's plan in pixels."""
+    from .vae_tiling import encode_grid
+
+    x, cfg = video[None].to(vae.post_quant_conv.weight), vae.config
+    grid = encode_grid(tuple(x.shape[2:]), _tiling(tiling), cfg.time_compression_ratio,
+                       cfg.spatial_compression_ratio)
+
+    def finish(moments: torch.Tensor) -> torch.Tensor:
+        return (moments.chunk(2, dim=1)[0] * cfg.scaling_factor).cpu()
+
+    return TiledPass(grid, _no_grad(lambda w: vae.encode_tile(x[(slice(None), slice(None), *w)])), finish)
 
 
 @functools.cache
@@ -170,6 +222,7 @@ FAMILY = ModelFamily(
     text=TextSpec(load=load_text, max_tokens=256, streamable=text_streamable, weight_bytes=text_weight_bytes,
                   has_weights=lambda cfg: cfg.text_encoder == "release"),
     vae=VaeSpec(load=load_vae_for, decode=decode, tilings=("release", "small"), decode_bytes=decode_bytes,
+                split_decode=split_decode, split_encode=split_encode,
                 tile_shape=tile_shape, weight_bytes=lambda cfg: _vae_params(cfg.vae_preset) * 2,
                 calibrated=lambda cfg: cfg.vae_preset == "hunyuan-video", note=vae_note),
     check_model_dir=check_model_dir,

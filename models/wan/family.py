@@ -12,6 +12,7 @@ from torch import nn
 from ..chunking import chunk_dit
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
 from ..tokens import build_dit
+from ..vae_tiles import TiledPass
 from ..weights import init_random_
 from .config import PRESETS, WanConfig
 from .cost import forward_work
@@ -118,10 +119,18 @@ def load_vae_for(model_dir: Path | None, cfg: WanConfig, *, device, dtype) -> nn
 def decode(vae, latents: torch.Tensor, tiling: str) -> torch.Tensor:
     """DiT latents `[1, 16, T, h, w]` (normalised, as the DiT sees them) -> video `[3, F, H, W]`
     in [-1, 1] on the CPU in the VAE's dtype."""
-    from .vae_tiling import tiling_config
+    return split_decode(vae, latents, tiling)()
 
-    z = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype)
-    return vae.decode(z, tiling=None if tiling == "off" else tiling_config(tiling))[0].cpu()
+
+def split_decode(vae, latents: torch.Tensor, tiling) -> TiledPass:
+    """The decode as diffusers' spatial tiles (one window with tiling "off" or small latents);
+    ``tiling`` a name or a ``vae_tiling.VaeTiling``."""
+    from .vae_tiling import decode_grid
+
+    raw = vae.denormalize(latents.to(device=next(vae.parameters()).device, dtype=vae.dtype))
+    grid = decode_grid(tuple(raw.shape[2:]), None if tiling == "off" else tiling, vae.config.spatial_compression)
+    return TiledPass(grid, lambda w: vae.decode_raw(raw[(slice(None), slice(None), *w)]),
+                     lambda video: video.clamp_(-1, 1)[0].cpu())
 
 
 def _decode_bytes(latent, tiling: str) -> int:
@@ -154,6 +163,7 @@ FAMILY = ModelFamily(
     text=TextSpec(load=load_text, max_tokens=512, streamable=text_streamable, weight_bytes=text_weight_bytes,
                   dtype_on_gpu=torch.bfloat16),
     vae=VaeSpec(load=load_vae_for, decode=decode, tilings=("tiles", "small"), decode_bytes=_decode_bytes,
+                split_decode=split_decode,
                 tile_shape=_tile_shape, weight_bytes=_vae_weight_bytes, dtype_on_gpu=torch.float32),
     check_model_dir=check_model_dir,
     forward_work=forward_work,

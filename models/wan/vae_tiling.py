@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
+from ..vae_tiles import Axis, TileGrid, tiled
 from .vae import VAE_PRESETS, WanVAE, WanVaeConfig
 
 
@@ -50,46 +52,19 @@ def tiling_config(name: str | VaeTiling | None) -> VaeTiling | None:
     return None if name == "off" else TILING_PRESETS[DEFAULT_TILING if name == "auto" else name]
 
 
-def blend_(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
-    """Cross-fade the first n slices of `cur` along `dim`, in place, from the last n of `prev`:
-    cur[y] = prev[-n + y] (1 - y/n) + cur[y] y/n, n = min(extent, both sizes). Returns `cur`."""
-    n = min(extent, prev.shape[dim], cur.shape[dim])
-    if n == 0:
-        return cur
-    shape = [1] * cur.ndim
-    shape[dim] = n
-    acc = torch.promote_types(cur.dtype, torch.float32)  # half-precision tiles blend in fp32
-    w = (torch.arange(n, device=cur.device, dtype=acc) / n).view(shape)
-    head = cur.narrow(dim, 0, n)
-    head.copy_(prev.narrow(dim, prev.shape[dim] - n, n).to(acc) * (1 - w) + head.to(acc) * w)
-    return cur
+def decode_grid(shape: tuple[int, int, int], tiling: VaeTiling | str | None, ratio: int = 8) -> TileGrid:
+    """The tiles of a decode of latents (T, h, w): one window when the tiling is off or the
+    latents fit in one tile, else diffusers' spatial tiles (time is never tiled)."""
+    cfg = tiling_config(tiling)
+    if cfg is None or max(shape[1:]) <= cfg.tile:
+        return TileGrid(shape, None, None)
+    return TileGrid(shape, None, Axis(cfg.tile, cfg.stride, Fraction(ratio)))
 
 
 def tiled_decode(vae: WanVAE, z: torch.Tensor, tiling: VaeTiling | str) -> torch.Tensor:
     """Raw (denormalised) latents `[B, z, T, h, w]` -> unclamped video `[B, 3, 4(T-1)+1, 8h, 8w]`
     in the VAE's dtype, tile by tile. Only the previous row of decoded tiles is kept."""
-    cfg = tiling_config(tiling)
-    h, w = z.shape[-2:]
-    if cfg is None or max(h, w) <= cfg.tile:
-        return vae.decode_raw(z)
-    ratio = vae.config.spatial_compression
-    blend, keep = (cfg.tile - cfg.stride) * ratio, cfg.stride * ratio
-    out, prev_row = None, []
-    for i in range(0, h, cfg.stride):
-        row = []
-        for col, j in enumerate(range(0, w, cfg.stride)):
-            y = vae.decode_raw(z[..., i : i + cfg.tile, j : j + cfg.tile])
-            if prev_row:
-                blend_(prev_row[col], y, blend, dim=-2)
-            if row:
-                blend_(row[-1], y, blend, dim=-1)
-            row.append(y)
-            if out is None:
-                out = y.new_empty(*y.shape[:-2], h * ratio, w * ratio)
-            kept = y[..., :keep, :keep]
-            out[..., i * ratio : i * ratio + kept.shape[-2], j * ratio : j * ratio + kept.shape[-1]] = kept
-        prev_row = row
-    return out
+    return tiled(vae.decode_raw, z, decode_grid(tuple(z.shape[2:]), tiling, vae.config.spatial_compression))
 
 
 # ---------------------------------------------------------------------------------------------
