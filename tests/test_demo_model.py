@@ -98,10 +98,9 @@ def _generate(out: Path, prompts: Path, *extra) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-# What the shipped weights reach on the check prompts through generate and the mp4: colour 95%,
-# motion 75% (docs/DEMO_MODEL.md). The target is 90% / 80%: motion is a video short of it, so the
-# motion bar here is the measured level, not the target, until the model is trained further.
-COLOUR_MIN, MOTION_MIN = 0.9, 0.75
+# The target: the prompt's colour in >= 90% of the check videos and its motion in >= 80% (the
+# shipped weights reach 100% / 100% at these seeds through generate and the mp4: docs/DEMO_MODEL.md).
+COLOUR_MIN, MOTION_MIN = 0.9, 0.8
 
 
 @pytest.mark.slow
