@@ -4,6 +4,7 @@ naming the step. CPU, fp32, gloo (`--device cpu`), except the `gpu` test of rank
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,22 +31,29 @@ def one_process(out: Path, *args):
             "--output-dir", str(out), *args]
 
 
+def wait_for_a_step(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """Read the job's merged output until its progress bar has counted a finished step, so that
+    what the test does next lands mid-denoise on a fast machine or a slow one; returns what it read."""
+    seen, deadline = "", time.monotonic() + timeout
+    while not re.search(r"\| ?[1-9][0-9]*/[0-9]+ \[", seen) and time.monotonic() < deadline:
+        char = proc.stdout.read(1)
+        if not char:  # the job ended
+            break
+        seen += char
+    return seen
+
+
 def signal_mid_denoise(cmd: list[str], sig: int) -> tuple[int, str, float]:
     """Start `cmd`, send `sig` once its denoising loop runs: (exit code, output, seconds from the
     signal to the exit)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in proc.stdout:  # wait until the loop runs
-        lines.append(line)
-        if "attention:" in line:
-            break
-    time.sleep(2)
-    assert proc.poll() is None, "".join(lines)
+    seen = wait_for_a_step(proc)
+    assert proc.poll() is None, seen
     proc.send_signal(sig)
     sent = time.monotonic()
     rest, _ = proc.communicate(timeout=60)
-    return proc.returncode, "".join(lines) + rest, time.monotonic() - sent
+    return proc.returncode, seen + rest, time.monotonic() - sent
 
 
 LONG = ("--steps", "400", "--size", "128x128", "--frames", "17")  # still denoising when signalled
@@ -112,12 +120,8 @@ def test_killed_rank_ends_the_job_and_leaves_no_video(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 90
-        for line in proc.stdout:  # wait until the ranks are in the loop
-            if "topology" in line or time.monotonic() > deadline:
-                break
-        time.sleep(3)
-        assert proc.poll() is None, "the job ended before it could be interrupted"
+        seen = wait_for_a_step(proc)  # the ranks are in the loop
+        assert proc.poll() is None, f"the job ended before it could be interrupted:\n{seen[-2000:]}"
         workers = _worker_pids(proc.pid)
         assert 1 in workers, workers
         os.kill(workers[1], signal.SIGKILL)
