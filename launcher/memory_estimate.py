@@ -23,9 +23,9 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # connects its peers' buffers lazily, at the first all-to-all: 2.32 GiB measured, outside the
 # allocator's cap); the allocator's slack (reserved over allocated: 1.2 GiB under a cap with fixed
 # segments, which is why a budget turns on expandable segments). One process: no process group,
-# so no NCCL at all; its CUDA context (with the cuBLAS and cuDNN kernels loaded) is typically
-# 0.5-0.8 GiB on a Hopper GPU, counted as SINGLE_CONTEXT until scripts/gpu_lowmem_bench.sh
-# measures it (its table's "outside" column). Each rounded up.
+# so no NCCL at all; its CUDA context (with the cuBLAS and cuDNN kernels loaded) measured 0.68 GiB
+# outside the allocator in a plain run and 0.81 GiB under a budget on one H200
+# (scripts/gpu_lowmem_bench.sh, its "outside" column; docs/BENCHMARKS.md). Each rounded up.
 CONTEXT_OVERHEAD = int(2.25 * GIB)
 NCCL_ALLOWANCE = int(2.5 * GIB)
 SINGLE_CONTEXT = int(1.0 * GIB)
