@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.step_cache import CACHES
+
 from .config import NOISE_SOURCES, RunConfig, family_of, parse_size, read_prompts_file
 from .memory_plan import parse_memory
 from .plan import add_plan_args
@@ -74,6 +76,15 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--chunk-tokens", type=int, help="run the DiT blocks' token-wise parts (norms, projections, "
                      "MLP) over chunks of N tokens: same result, lower peak (0: off; light/extreme profiles and "
                      "the planner under a budget chunk by themselves)")
+    speed = p.add_argument_group("step caching (approximate: see docs/BENCHMARKS.md for its cost in quality)")
+    speed.add_argument("--cache", default="off", choices=CACHES,
+                       help="skip the DiT's blocks on steps whose input barely changed, reusing the residual of the "
+                            "last computed step: teacache (signal: the first block's modulated input) or fbcache "
+                            "(first-block cache: the first block's residual); every rank of a replica decides alike "
+                            "(default: off, every step computed)")
+    speed.add_argument("--cache-threshold", type=float,
+                       help="the cache's threshold: higher skips more (default: the family's, e.g. HunyuanVideo "
+                            "teacache 0.1, fbcache 0.06; 0 never skips)")
     add_benchmarking_args(p)
 
 
@@ -145,6 +156,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         stream_blocks=args.stream_blocks,
         prefetch=args.prefetch,
         chunk_tokens=args.chunk_tokens,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
         topology_file=args.topology_file,
         attention=args.attention,
         attention_kernel=args.attention_kernel,

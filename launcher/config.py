@@ -62,6 +62,9 @@ class RunConfig:
     stream_blocks: int | None = None
     prefetch: int = 1
     chunk_tokens: int | None = None  # the DiT's token-wise parts in chunks of this many tokens (0: off)
+    # Step caching (models/step_cache.py): off, teacache, fbcache; None threshold: the family's default.
+    cache: str = "off"
+    cache_threshold: float | None = None
     # Benchmarking: another topology table, the SP attention backend, no VAE decode.
     topology_file: Path | None = None
     attention: str = "native"
@@ -153,6 +156,18 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--model-dir {cfg.model_dir}: no such directory")
     _validate_weights(cfg, family)
     _validate_benchmarking(cfg)
+    cache_settings(cfg, family)
+
+
+def cache_settings(cfg: RunConfig, family):
+    """The step cache ``cfg`` asks for, with the family's defaults (models.step_cache.CacheSettings)."""
+    from models.step_cache import CacheSettings
+
+    spec = family.cache(family.config(cfg.preset)) if family.cache is not None else None
+    try:
+        return CacheSettings.resolve(cfg.cache, cfg.cache_threshold, spec)
+    except ValueError as err:
+        raise ConfigError(str(err).replace("this model family", f"the {family.name} family")) from None
 
 
 def _validate_weights(cfg: RunConfig, family) -> None:

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.sampling import TextConditioning, classifier_free, euler_loop, guided_velocity, model_velocity
+from models.sampling import TextConditioning, cached_velocities, classifier_free, euler_loop, guided_velocity, model_velocity
+from models.step_cache import StepCache
 from parallel.mesh import SP_AXES, MeshAxis, ParallelMesh, build_parallel_mesh, init_distributed, teardown
 from parallel.placement import NodeShare, node_share_name
-from parallel.parallelize import SequenceShard, cfg_parallel_velocity, parallelize
+from parallel.parallelize import SequenceShard, cache_reduce, cfg_parallel_velocity, parallelize
 from parallel.backends import text_problem
 
 from . import faults as fault_injection
@@ -177,8 +178,8 @@ def _already_done(job: Job, mesh: ParallelMesh | None) -> set[int]:
 def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh | None, timer: PhaseTimer,
                  finished, skip: set[int] = frozenset()) -> None:
     """Place the DiT as ``plan`` says and denoise this replica's prompts but ``skip``, calling
-    ``finished(i, latents [1, C, T, h, w] on the CPU, step seconds, host store kind, attention)``
-    after each. The placement is torn down however this ends."""
+    ``finished(i, latents [1, C, T, h, w] on the CPU, step seconds, host store kind, attention,
+    step-cache record or None)`` after each. The placement is torn down however this ends."""
     cfg = job.cfg
     with timer.phase("load_dit"):
         model, placed = ph.build_dit(job.family, cfg.preset, loaded, job.device, job.dtype, plan.placement,
@@ -197,10 +198,15 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
         for i in range(dp_rank, len(cfg.prompts), cfg.dp):
             if i in skip:  # finished before an OOM fallback
                 continue
+            cache = StepCache(job.cache, cfg.steps, shard.local_valid, cache_reduce(mesh)) if job.cache.on else None
             with timer.phase("denoise"):
-                tokens, step_s = denoise_one(job, model, shard, rope, conds, i, mesh)
+                tokens, step_s = denoise_one(job, model, shard, rope, conds, i, mesh, cache)
             latents = ph.tokens_to_latents(job.family, job.dit, tokens.cpu(), (cfg.height, cfg.width, cfg.frames))
-            finished(i, latents, step_s, placed.host_kind, shard.current_attention())
+            if cache is not None:
+                log.info("step cache %s (threshold %g): %d of %d steps computed, skipped %s", cache.settings.kind,
+                         cache.settings.threshold, len(cache.computed), cfg.steps, cache.skipped or "none")
+            finished(i, latents, step_s, placed.host_kind, shard.current_attention(),
+                     None if cache is None else cache.record())
     finally:
         placed.close()
         del model
@@ -267,9 +273,11 @@ def _agree_after_oom(job: Job, mesh: ParallelMesh | None, oom: str) -> None:
     mesh.barrier()
 
 
-def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextConditioning], i: int, mesh):
+def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextConditioning], i: int, mesh,
+                cache: StepCache | None = None):
     """Prompt `i` from its seeded noise to the whole sequence of denoised tokens `[1, S, F]`,
-    and the seconds of each step (the NaN check syncs the device, so they are real times)."""
+    and the seconds of each step (the NaN check syncs the device, so they are real times).
+    ``cache``: this prompt's step cache (its reduce over this rank's replica), None: every step."""
     cfg, device = job.cfg, job.device
     guidance = job.guidance
     cond = conds[i].to(device)
@@ -277,10 +285,13 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
     if mesh is not None and mesh.size(MeshAxis.CFG) == 2:
         mine = cond if mesh.local_rank(MeshAxis.CFG) == 0 else negative
         own = model_velocity(model, rope, mine, guidance)
+        if cache is not None:  # one branch here; the cache's sums span both CFG ranks
+            branch = cached_velocities(model, rope, [mine], guidance, cache)
+            own = lambda x, t: branch(x, t)[0]  # noqa: E731
         velocity = cfg_parallel_velocity(own, mesh, partial(classifier_free, scale=cfg.cfg_scale))
     else:
         velocity = guided_velocity(model, rope, cond, embedded_guidance=guidance, negative=negative,
-                                   cfg_scale=cfg.cfg_scale)
+                                   cfg_scale=cfg.cfg_scale, cache=cache)
     velocity = job.faults.wrap(velocity)  # LAUNCHER_FAULT: fired at the start of a step
     size = (cfg.height, cfg.width, cfg.frames)
     noise = ph.noise_tokens(job.family, job.dit, size, cfg.seed + i, cfg.noise, device, job.text_dtype)

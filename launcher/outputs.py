@@ -54,7 +54,8 @@ class VideoWriter:
         """The callback ``_denoise_all`` calls after each prompt, on every rank of the replica."""
         inline = plan.decodes_beside_dit(self.job.memory.limit)
 
-        def finished(i: int, latents: torch.Tensor, step_s: list[float], host: str | None, attention) -> None:
+        def finished(i: int, latents: torch.Tensor, step_s: list[float], host: str | None, attention,
+                     cache: dict | None = None) -> None:
             self.done.add(i)
             # Every rank of the replica ran this prompt: gather its ranks' peaks, in step.
             mine = {"host": hostname(), **peak_memory(self.job.device)}
@@ -62,7 +63,7 @@ class VideoWriter:
             shares = not self.job.cfg.no_video and self._decode_path(plan)[0] == SHARED
             if not (self.is_writer or shares):
                 return
-            item = (i, latents, step_s, peaks, plan, memory_record(self.job, plan, oom, host), attention)
+            item = (i, latents, step_s, peaks, plan, memory_record(self.job, plan, oom, host), attention, cache)
             if inline:
                 self._write(*item)
             else:
@@ -102,7 +103,7 @@ class VideoWriter:
                 "tiles_per_rank": tiles, "seconds_per_rank": seconds}
         return video, info
 
-    def _write(self, i, latents, step_s, peaks, plan, memory, attention) -> None:
+    def _write(self, i, latents, step_s, peaks, plan, memory, attention, cache) -> None:
         from .video import whole_or_none, write_json_atomic
 
         job, cfg, timer = self.job, self.job.cfg, self.timer
@@ -116,7 +117,8 @@ class VideoWriter:
             with whole_or_none(job.paths[i].values()):
                 with timer.phase("write"):
                     ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=replace)
-                rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory, "vae_decode": decode}
+                rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory, "vae_decode": decode,
+                                                                          "step_cache": cache}
                 write_json_atomic(rec, job.paths[i]["record"], overwrite=replace)
         except OSError as err:  # a full disk or a folder gone read-only: one line, nothing partial kept
             raise ph.RankFailure(f"writing prompt {i + 1}'s outputs to {cfg.output_dir} failed "

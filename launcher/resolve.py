@@ -25,7 +25,7 @@ from parallel.backends import backend_problem
 from parallel.topology import ResolvedTopology, TopologyError, TopologyTable
 from parallel.topology_choice import explain, node_local, table_for
 
-from .config import DTYPES, ConfigError, RunConfig
+from .config import DTYPES, ConfigError, RunConfig, cache_settings
 from .memory_plan import JobMemory, JobShape, plan_job
 
 
@@ -67,6 +67,11 @@ class ResolvedJob:
     @property
     def table_path(self) -> str:
         return self.table.path
+
+    @property
+    def cache(self):
+        """The step cache this job runs (``models.step_cache.CacheSettings``; kind "off": none)."""
+        return cache_settings(self.cfg, self.family)
 
     @property
     def weight_files(self) -> list[dict] | None:
@@ -207,6 +212,20 @@ def _plan_memory(cfg: RunConfig, dit, table: TopologyTable, world: int, dtype: t
     return memory, chosen[memory.topology.topology.cfg][1]
 
 
+def check_cache(cfg: RunConfig, family, memory: JobMemory) -> None:
+    """A TeaCache signal read from the first block's weights outside that block's call cannot run
+    when the memory plan (or its out-of-memory fallback) streams every block: the block's weights
+    are only on the GPU during its own call."""
+    spec = family.cache(family.config(cfg.preset)) if cfg.cache == "teacache" else None
+    if spec is None or not spec.tea_reads_block:
+        return
+    for plan in (memory.plan, memory.fallback):
+        if plan is not None and plan.placement.streamed >= plan.blocks:
+            raise ConfigError(f"--cache teacache reads the first block's modulation between its calls, and the memory "
+                              f"plan ({plan.label}) streams every block: use --cache fbcache, or a larger "
+                              f"--max-gpu-memory / fewer --stream-blocks")
+
+
 def host_memory_bytes() -> int | None:
     """The machine's memory (MemTotal), or None where /proc/meminfo is not there."""
     from .record import proc_bytes
@@ -266,6 +285,7 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
         text_weights = cfg.model_dir is not None and family.text.has_weights(dit)
     memory, reason = _plan_memory(cfg, dit, table, world, dtype, device_memory, gpus_per_node, text_weights)
     check_attention(cfg, math.prod(dit.token_grid(cfg.height, cfg.width, cfg.frames)), memory.topology, device.type)
+    check_cache(cfg, family, memory)
     if device.type == "cpu" and host_memory_per_rank is not None:
         check_host_memory(cfg, memory, host_memory_per_rank)
     return ResolvedJob(cfg=cfg, family=family, dit=dit, world=world, device=device, dtype=dtype,

@@ -25,6 +25,7 @@ from .family import (
     list_presets,
     register_family,
 )
+from .step_cache import CacheSpec
 from .weights import CheckpointError, init_random_
 from .hunyuan_video.family import FAMILY as HUNYUAN_VIDEO
 from .wan.family import FAMILY as WAN

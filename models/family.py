@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .scheduler import FlowMatchEuler
+from .step_cache import CacheSpec
 
 # Out-of-tree families: modules named here (comma-separated) are imported before the first lookup,
 # and each calls `register_family` (how the tests add a toy family without touching the launcher).
@@ -128,7 +129,8 @@ samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, 
     weight folder is missing (cheap, run on every rank); ``forward_work(config, image_tokens,
     text_tokens)`` -> the FLOPs of one forward (``models.cost.ForwardWork``, what `plan --predict`
     prices), None when the family does not declare them; ``set_token_chunk(model, tokens)`` bounds
-    the tokens its token-wise parts see at once (the memory planner's chunking rung)."""
+    the tokens its token-wise parts see at once (the memory planner's chunking rung); ``cache(config)``
+    -> the preset's step-cache settings (``models.step_cache.CacheSpec``)."""
 
     name: str
     presets: Mapping[str, Any]
@@ -147,6 +149,9 @@ samplers keep their history on it); ``blocks(model)`` -> ``[(state-dict prefix, 
     # (model, max tokens | None): the DiT runs its token-wise parts in token chunks of that size
     # (models/chunking.py); None: the family does not chunk, and the planner never asks it to.
     set_token_chunk: Callable[[nn.Module, int | None], None] | None = None
+    # (config) -> the preset's step-cache settings (models/step_cache.py; the DiT then keeps the
+    # stage contract: enter, run_blocks, leave, tea_signal); None: `--cache` is refused.
+    cache: Callable[[Any], CacheSpec] | None = None
     released: frozenset[str] = frozenset()  # presets of a published checkpoint: weights expected
     guidance: str = "embedded"  # "embedded": a distilled scale fed to the DiT; "cfg": classic CFG only
     default_negative_prompt: str | None = None

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .scheduler import FlowMatchEuler
+from .step_cache import StepCache
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,29 @@ def euler_loop(
     return x
 
 
+def cached_velocities(
+    model: nn.Module,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    conds: list[TextConditioning],
+    embedded_guidance: float | None,
+    cache: StepCache,
+) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """`v(x, t)` -> one velocity per branch of ``conds`` (fp32), through the DiT's stages with the
+    step cache deciding, once for all branches, whether the blocks run (models/step_cache.py)."""
+    cos, sin = rope
+    dtype = model_dtype(model)
+
+    def velocities(x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        b = x.shape[0]
+        guidance = None
+        if embedded_guidance is not None:
+            guidance = embedded_guidance_tensor(embedded_guidance, b, dtype, x.device)
+        states = [model.enter(x, cos, sin, c.txt, c.mask, t.expand(b), c.pooled, guidance) for c in conds]
+        return [model.leave(s).float() for s in cache.run(model, states)]
+
+    return velocities
+
+
 def guided_velocity(
     model: nn.Module,
     rope: tuple[torch.Tensor, torch.Tensor],
@@ -127,11 +151,19 @@ def guided_velocity(
     embedded_guidance: float | None,
     negative: TextConditioning | None = None,
     cfg_scale: float = 1.0,
+    cache: StepCache | None = None,
 ) -> Velocity:
     """The velocity with embedded guidance, plus classic CFG (conditional and negative pass one
-    after the other) when `negative` is given and `cfg_scale` != 1."""
+    after the other) when `negative` is given and `cfg_scale` != 1; through the step `cache` when
+    one is given (one decision per step for both passes)."""
+    guided = negative is not None and cfg_scale != 1.0
+    if cache is not None:
+        both = cached_velocities(model, rope, [cond, negative] if guided else [cond], embedded_guidance, cache)
+        if not guided:
+            return lambda x, t: both(x, t)[0]
+        return lambda x, t: classifier_free(*both(x, t), cfg_scale)
     v_cond = model_velocity(model, rope, cond, embedded_guidance)
-    if negative is None or cfg_scale == 1.0:
+    if not guided:
         return v_cond
     v_neg = model_velocity(model, rope, negative, embedded_guidance)
     return lambda x, t: classifier_free(v_cond(x, t), v_neg(x, t), cfg_scale)
@@ -149,14 +181,16 @@ def denoise_tokens(
     negative: TextConditioning | None = None,
     cfg_scale: float = 1.0,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    cache: StepCache | None = None,
 ) -> torch.Tensor:
     """Run every step on noise tokens `[B, S, F]` (fp32; S may be a shard) -> denoised tokens.
 
     `embedded_guidance` is the distilled guidance scale (passed to the model x 1000, as the
     release rounds it: `embedded_guidance_tensor`); see
     `guided_velocity` for classic CFG. `on_step(i, x)` runs after every step (progress, NaN checks).
+    `cache`: a fresh `StepCache` for this video, or None to compute every step.
     """
     velocity = guided_velocity(
-        model, rope, cond, embedded_guidance=embedded_guidance, negative=negative, cfg_scale=cfg_scale
+        model, rope, cond, embedded_guidance=embedded_guidance, negative=negative, cfg_scale=cfg_scale, cache=cache
     )
     return euler_loop(tokens, velocity, scheduler, on_step)

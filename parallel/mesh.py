@@ -188,6 +188,13 @@ class ParallelMesh:
         dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self._group(axes))
         return int(box.item())
 
+    def sum_over(self, x: torch.Tensor, axes: Sequence[MeshAxis]) -> torch.Tensor:
+        """``x`` (a few numbers, on this rank's device) summed over the group of ``axes``; every
+        rank gets the same values (an all-reduce hands all ranks one result)."""
+        out = x.to(self.device).clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self._group(axes))
+        return out
+
     def all_finite(self, x: torch.Tensor, axes: Sequence[MeshAxis] | None = SP_AXES) -> bool:
         """Whether `x` is finite on every rank of the group of ``axes`` (so all stop together)."""
         ok = torch.isfinite(x).all().to(torch.int32).reshape(1)

@@ -20,7 +20,7 @@ from .backends import AttentionChoice, backend_problem, build_attention
 from .comm import all_gather_stacked
 from .kernels import select_kernel
 from .mesh import REPLICA_AXES, MeshAxis, ParallelMesh
-from .sequence import SequenceParallel, gather_tokens, shard_length, shard_tokens
+from .sequence import SequenceParallel, gather_tokens, shard_length, shard_tokens, valid_in_chunk
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -60,6 +60,11 @@ class SequenceShard:
     @property
     def local_tokens(self) -> int:
         return shard_length(self.num_tokens, self.sp.sp_size)
+
+    @property
+    def local_valid(self) -> int:
+        """The valid tokens of this rank's shard (its first ones; padding follows)."""
+        return valid_in_chunk(self.num_tokens, self.local_tokens, self.sp.sp_rank)
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Local: this rank's contiguous slice (zero-padded past the end)."""
@@ -112,3 +117,18 @@ def cfg_parallel_velocity(own: Velocity, mesh: ParallelMesh, combine: Callable) 
         return combine(both[0], both[1])
 
     return velocity
+
+
+def cache_reduce(mesh: ParallelMesh | None) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """The step cache's ``reduce`` (models/step_cache.py) for this rank: a sharded signal's sums
+    over its replica's CFG and SP ranks, a signal every SP rank holds whole over the CFG pair only
+    (its SP ranks hold the same numbers). One all-reduce: every rank gets the same sums, so every
+    rank of the replica skips the same steps."""
+
+    def reduce(sums: torch.Tensor, sharded: bool) -> torch.Tensor:
+        axes = REPLICA_AXES if sharded else (MeshAxis.CFG,)
+        if mesh is None or all(mesh.size(a) == 1 for a in axes):
+            return sums
+        return mesh.sum_over(sums, axes)
+
+    return reduce

@@ -6,6 +6,7 @@ launcher` import it, which is all a new family needs besides its own code.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -94,12 +95,36 @@ class ToyDiT(nn.Module):
         return angles.cos(), angles.sin()
 
     def forward(self, img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance=None):
-        lens = txt_mask.bool().sum(1).cpu()
+        return self.leave(self.run_blocks(self.enter(img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled)))
+
+    # The stage contract of models/step_cache.py, which is all a family needs for --cache.
+
+    def enter(self, img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance=None) -> "ToyStream":
         vec = torch.tanh(self.time_in(timestep[:, None].to(self.dtype) / 1000.0))
-        x, t = self.img_in(img.to(self.dtype)), self.txt_in(txt.to(self.dtype))
-        for block in self.blocks:
-            x, t = block(x, t, vec, rope_cos.to(x.device), rope_sin.to(x.device), lens, self.__dict__["_attention"])
-        return self.final(x)
+        return ToyStream(img=self.img_in(img.to(self.dtype)), txt=self.txt_in(txt.to(self.dtype)), vec=vec,
+                         rope=(rope_cos.to(img.device), rope_sin.to(img.device)), lens=txt_mask.bool().sum(1).cpu())
+
+    def run_blocks(self, s: "ToyStream", start: int = 0, stop: int | None = None) -> "ToyStream":
+        x, t = s.img, s.txt
+        for block in self.blocks[start:stop]:
+            x, t = block(x, t, s.vec, *s.rope, s.lens, self.__dict__["_attention"])
+        return dataclasses.replace(s, img=x, txt=t)
+
+    def leave(self, s: "ToyStream") -> torch.Tensor:
+        return self.final(s.img)
+
+    def tea_signal(self, s: "ToyStream"):
+        """The first block's modulated input, a shard of the tokens."""
+        return s.img * (1 + self.blocks[0].mod(s.vec)[:, None]), True
+
+
+@dataclass(frozen=True)
+class ToyStream:
+    img: torch.Tensor
+    txt: torch.Tensor
+    vec: torch.Tensor
+    rope: tuple
+    lens: torch.Tensor
 
 
 class IdentityVAE(nn.Module):
@@ -149,6 +174,8 @@ FAMILY = models.register_family(models.ModelFamily(
     vae=models.VaeSpec(load=lambda model_dir, cfg, *, device, dtype: IdentityVAE(), decode=decode,
                        tilings=("whole",)),
     guidance="cfg",
+    cache=lambda cfg: models.CacheSpec(tea_coefficients=(1.0, 0.0), tea_threshold=0.1, fb_threshold=0.1,
+                                       tea_reads_block=True),
     frame_step=1,
     topology_table=None,  # no YAML: the rule picks the degrees
 ))

@@ -8,6 +8,8 @@ sequence-parallel shard is just a slice of the tokens and of the RoPE rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from ..tokens import patchify, unpatchify  # noqa: F401  (re-exported: the famil
 from ..attention import JointAttention, sdpa_joint_attention
 from .blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock, TokenRefiner
 from .config import HunyuanVideoConfig
-from .layers import MLPEmbedder, PatchEmbed, TimestepEmbedder
+from .layers import MLPEmbedder, PatchEmbed, TimestepEmbedder, layer_norm, modulate
 from .rope import rope_table
 
 
@@ -87,6 +89,13 @@ class HunyuanVideoDiT(nn.Module):
         """img `[B, S, C_in*pt*ph*pw]`, rope_cos/sin `[S, head_dim]`, txt `[B, L, text_dim]`,
         txt_mask `[B, L]` (valid tokens first), timestep `[B]` (sigma x 1000), pooled
         `[B, pooled_dim]`, guidance `[B]` (scale x 1000) -> `[B, S, C_out*pt*ph*pw]`."""
+        state = self.enter(img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance)
+        return self.leave(self.run_blocks(state))
+
+    # The stage contract (models/step_cache.py): forward = leave(run_blocks(enter(...))).
+
+    def enter(self, img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance=None) -> "Stream":
+        """forward's arguments -> the streams the first block takes (embeddings, text refiner)."""
         dtype = self.dtype
         valid = txt_mask.bool()
         # On the host: attention implementations read the lengths as ints, and a device tensor
@@ -95,10 +104,40 @@ class HunyuanVideoDiT(nn.Module):
         vec = self.conditioning(timestep, pooled.to(dtype), guidance)
         x = self.img_in(img.to(dtype))
         t = self.txt_in(txt.to(dtype), timestep, valid)
-        rope_cos, rope_sin = rope_cos.to(img.device), rope_sin.to(img.device)
-        for block in (*self.double_blocks, *self.single_blocks):
-            x, t = block(x, t, vec, rope_cos, rope_sin, txt_lens, self.attention, chunk=self.token_chunk)
-        return self.final_layer(x, vec, chunk=self.token_chunk)
+        return Stream(img=x, txt=t, vec=vec, cos=rope_cos.to(img.device), sin=rope_sin.to(img.device),
+                      txt_lens=txt_lens)
+
+    def run_blocks(self, s: "Stream", start: int = 0, stop: int | None = None) -> "Stream":
+        """The double then single blocks ``[start:stop]`` on the streams."""
+        x, t = s.img, s.txt
+        for block in (*self.double_blocks, *self.single_blocks)[start:stop]:
+            x, t = block(x, t, s.vec, s.cos, s.sin, s.txt_lens, self.attention, chunk=self.token_chunk)
+        return replace(s, img=x, txt=t)
+
+    def leave(self, s: "Stream") -> torch.Tensor:
+        """The final layer on the image stream -> patch tokens `[B, S, C_out*pt*ph*pw]`."""
+        return self.final_layer(s.img, s.vec, chunk=self.token_chunk)
+
+    def tea_signal(self, s: "Stream") -> tuple[torch.Tensor, bool]:
+        """TeaCache's signal: the first double block's modulated image input `[B, S, C]` (the
+        image stream normed and modulated by that block's img_mod shift and scale), a shard of
+        the tokens (True)."""
+        first = self.double_blocks[0]
+        shift, scale = first.img_mod(s.vec)[:2]
+        return modulate(layer_norm(s.img, first.eps), shift, scale), True
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The DiT between its stages: image stream img `[B, S, C]` (S a shard), text stream txt
+    `[B, L, C]`, vec `[B, C]`, RoPE cos/sin `[S, D]` on the device, valid text lengths `[B]` (host)."""
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    vec: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    txt_lens: torch.Tensor
 
 
 __all__ = ["HunyuanVideoDiT", "patchify", "unpatchify"]

@@ -12,6 +12,7 @@ from torch import nn
 from ..chunking import chunk_dit
 from ..demo import WEIGHTS_DIR as DEMO_WEIGHTS_DIR
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
+from ..step_cache import CacheSpec
 from ..tokens import build_dit
 from ..vae_tiles import TiledPass
 from ..weights import init_random_
@@ -210,6 +211,17 @@ def vae_note(latent, tiling: str) -> str | None:
     return None
 
 
+# TeaCache's published HunyuanVideo polynomial (TeaCache4HunyuanVideo) and its 1.6x threshold;
+# First-Block Cache at ParaAttention's HunyuanVideo default. Calibrated on the 13B release, and
+# used for every preset of the family (the demo model shares its block structure).
+CACHE = CacheSpec(
+    tea_coefficients=(7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02),
+    tea_threshold=0.1, fb_threshold=0.06, tea_warmup=1,
+    tea_signal="the first double block's modulated image input (a shard per rank)", tea_reads_block=True,
+    note="TeaCache4HunyuanVideo polynomial, threshold 0.1 (1.6x published); FBCache 0.06 (ParaAttention)",
+)
+
+
 FAMILY = ModelFamily(
     name="hunyuan_video",
     presets=PRESETS,
@@ -228,6 +240,7 @@ FAMILY = ModelFamily(
     check_model_dir=check_model_dir,
     forward_work=forward_work,
     set_token_chunk=chunk_dit,
+    cache=lambda cfg: CACHE,
     weight_files=weight_files,
     guidance="embedded",
     default_negative_prompt=NEGATIVE_PROMPT,

@@ -18,6 +18,8 @@ output is wide (fp32 for a bf16 model), as the release returns `.float()` veloci
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,16 +125,49 @@ class WanDiT(KeepsFp32):
         -> velocity `[B, S, C_out*pt*ph*pw]` in patchify's layout, wide dtype.
 
         pooled and guidance are part of the family seam and unused: Wan has neither."""
+        state = self.enter(img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance)
+        return self.leave(self.run_blocks(state))
+
+    # The stage contract (models/step_cache.py): forward = leave(run_blocks(enter(...))).
+
+    def enter(self, img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled=None, guidance=None) -> "Stream":
+        """forward's arguments -> what the first block takes (patch, time and text embeddings)."""
         cdt = self.dtype
         wide = wide_dtype(cdt)
         e, e0 = self.time(timestep.to(img.device), wide)
         context = self.context(txt, txt_mask)
         w = self.patch_embedding
         x = F.linear(img.to(cdt), w.weight.flatten(1), w.bias)  # the Conv3d (kernel = stride) on tokens
-        rope_cos, rope_sin = rope_cos.to(img.device), rope_sin.to(img.device)
-        for block in self.blocks:
-            x = block(x, e0, rope_cos, rope_sin, context, self.attention, chunk=self.token_chunk)
-        return self._head_to_tokens(self.head(x, e, chunk=self.token_chunk))
+        return Stream(img=x, e=e, e0=e0, cos=rope_cos.to(img.device), sin=rope_sin.to(img.device), context=context)
+
+    def run_blocks(self, s: "Stream", start: int = 0, stop: int | None = None) -> "Stream":
+        """Blocks ``[start:stop]`` on the image stream."""
+        x = s.img
+        for block in self.blocks[start:stop]:
+            x = block(x, s.e0, s.cos, s.sin, s.context, self.attention, chunk=self.token_chunk)
+        return replace(s, img=x)
+
+    def leave(self, s: "Stream") -> torch.Tensor:
+        """The head -> velocity tokens in patchify's layout, wide."""
+        return self._head_to_tokens(self.head(s.img, s.e, chunk=self.token_chunk))
+
+    def tea_signal(self, s: "Stream") -> tuple[torch.Tensor, bool]:
+        """TeaCache's signal for Wan: the timestep's modulation table e0 `[B, 6, C]` (the signal of
+        TeaCache's Wan2.1 script with retention steps), the same on every rank (False: not a shard)."""
+        return s.e0, False
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The DiT between its stages: image stream img `[B, S, C]` (S a shard), e `[B, C]` and e0
+    `[B, 6, C]` (wide), RoPE cos/sin `[S, D]` on the device, embedded text context `[B, L, C]`."""
+
+    img: torch.Tensor
+    e: torch.Tensor
+    e0: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    context: torch.Tensor
 
 
 __all__ = ["WanDiT", "patchify", "unpatchify"]

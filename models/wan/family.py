@@ -11,6 +11,7 @@ from torch import nn
 
 from ..chunking import chunk_dit
 from ..family import ModelFamily, ModelInputError, PresetDefaults, TextSpec, VaeSpec
+from ..step_cache import CacheSpec
 from ..tokens import build_dit
 from ..vae_tiles import TiledPass
 from ..weights import init_random_
@@ -151,6 +152,22 @@ def _vae_weight_bytes(cfg: WanConfig) -> int:
     return vae_params(cfg.vae_preset) * 4
 
 
+# TeaCache for Wan2.1 T2V (TeaCache4Wan2.1 with retention steps: the signal is the time
+# modulation e0, the first 5 steps always computed), the polynomial fitted per model size. 0.2 is
+# that script's default threshold (14B); the 1.3B model gets a lower one. FBCache: 0.1, a starting
+# point (no published Wan value we rely on); random weights cannot calibrate either.
+_TEA_14B = (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01)
+_TEA_1_3B = (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02)
+
+
+def cache_spec(cfg: WanConfig) -> CacheSpec:
+    """The 14B polynomial for 14B-wide models, else the 1.3B one (also the tiny test presets')."""
+    big = cfg.hidden_size >= 5120
+    return CacheSpec(tea_coefficients=_TEA_14B if big else _TEA_1_3B, tea_threshold=0.2 if big else 0.08,
+                     fb_threshold=0.1, tea_warmup=5, tea_signal="the time modulation e0 (whole on every rank)",
+                     note=f"TeaCache4Wan2.1 {'14B' if big else '1.3B'} polynomial with retention steps")
+
+
 FAMILY = ModelFamily(
     name="wan",
     presets=PRESETS,
@@ -168,6 +185,7 @@ FAMILY = ModelFamily(
     check_model_dir=check_model_dir,
     forward_work=forward_work,
     set_token_chunk=chunk_dit,
+    cache=cache_spec,
     weight_files=weight_files,
     scheduler=FlowUniPC,
     guidance="cfg",
