@@ -144,10 +144,11 @@ class MemoryEstimate:
     vae_weights: int | None
     vae_decode: int | None
     notes: tuple[str, ...] = ()
+    step_cache: int = 0  # what a step cache holds (image streams of this rank's tokens)
 
     @property
     def denoise(self) -> int:
-        return self.dit_weights + self.activations.peak
+        return self.dit_weights + self.activations.peak + self.step_cache
 
     @property
     def decode(self) -> int | None:

@@ -15,7 +15,8 @@ Knobs, from cheapest to dearest:
    ``--fp8 auto`` allows it and nothing exact fits.
 
 Per-rank denoise peak (bytes) = resident weights + streaming slots + activations (one forward at
-this rank's tokens, chunked or not, ``dit_activations``) + FP8 temporaries + the runtime overhead
+this rank's tokens, chunked or not, ``dit_activations``) + what a step cache holds (``cache_bytes``)
++ FP8 temporaries + the runtime overhead
 of the job's world size (``runtime_overhead``: CUDA context and allocator slack, plus NCCL's
 buffers on N ranks). The decode peak (first rank of each replica, DiT freed) is the VAE's. The
 text phase runs before the DiT is loaded and is freed: its peak (the encoders, the LLM's layers
@@ -89,6 +90,7 @@ class MemoryPlan:
     activations: int
     fp8_temp: int
     decode: int  # the VAE decode, its weights included
+    step_cache: int = 0  # the image streams a step cache holds (cache_bytes)
     text: int
     blocks: int
     weights: int = 0  # every DiT weight in this placement's format, resident or streamed
@@ -98,7 +100,7 @@ class MemoryPlan:
 
     @property
     def denoise(self) -> int:
-        return self.resident_weights + self.slots + self.activations + self.fp8_temp + self.overhead.total
+        return self.resident_weights + self.slots + self.activations + self.step_cache + self.fp8_temp + self.overhead.total
 
     @property
     def text_phase(self) -> int:
@@ -124,7 +126,7 @@ class MemoryPlan:
                 "cfg": self.placement.cfg_degree, "vae_tiling": self.placement.vae_tiling,
                 "stream_text": self.placement.stream_text, "peak_bytes": self.peak,
                 "denoise_bytes": self.denoise, "resident_weight_bytes": self.resident_weights,
-                "slot_bytes": self.slots, "activation_bytes": self.activations,
+                "slot_bytes": self.slots, "activation_bytes": self.activations, "step_cache_bytes": self.step_cache,
                 "chunk_tokens": self.placement.chunk_tokens, "text_bytes": self.text,
                 "text_phase_bytes": self.text_phase, "runtime_overhead_bytes": self.overhead.to_dict()}
 
@@ -181,6 +183,7 @@ class JobShape:
     ulysses: int
     ring: int
     text_llm: bool  # a real LLM text encoder will be loaded (--model-dir)
+    cache_streams: int = 0  # image-stream tensors [S, C] the step cache holds (models.step_cache.held_streams)
 
 
 def estimate(shape: JobShape, p: Placement) -> MemoryPlan:
@@ -203,9 +206,20 @@ def estimate(shape: JobShape, p: Placement) -> MemoryPlan:
     vae_weights = family.vae.weight_bytes(shape.dit) if family.vae.calibrated(shape.dit) else VAE_WEIGHT_ALLOWANCE
     decode = family.vae.decode_bytes(latent, p.vae_tiling) + vae_weights
     text = family.text.weight_bytes(p.stream_text) if shape.text_llm else 0
-    return MemoryPlan(placement=p, resident_weights=resident, slots=slots, activations=acts, fp8_temp=fp8_temp,
+    return MemoryPlan(placement=p, resident_weights=resident, slots=slots, activations=acts,
+                      step_cache=cache_bytes(shape, local), fp8_temp=fp8_temp,
                       decode=decode, text=text, blocks=n, weights=sizes.other + sum(per_block),
                       vae_weights=vae_weights, dtype=shape.dtype, overhead=runtime_overhead(shape.world))
+
+
+def cache_bytes(shape: JobShape, local_tokens: int) -> int:
+    """What the step cache holds on a rank: ``shape.cache_streams`` image streams of this rank's
+    tokens, in the DiT's dtype (fp32 where the family's stream is fp32 between blocks)."""
+    if not shape.cache_streams:
+        return 0
+    spec = models.get_family(shape.preset).cache(shape.dit)
+    width = 4 if spec.stream_fp32 else DTYPES[shape.dtype].itemsize
+    return shape.cache_streams * local_tokens * shape.dit.hidden_size * width
 
 
 def chunk_choices(preset: str) -> tuple[int | None, ...]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import models
+from models.step_cache import CACHES
 from models.chunking import token_spans
 from parallel.sequence import padded_length, shard_length
 from parallel.topology import ResolvedTopology, Topology, TopologyError, factorisations
@@ -75,6 +76,7 @@ class MemoryKnobs:
     stream_blocks: int | None = None
     chunk_tokens: int | None = None
     text_llm: bool = False  # count the family's real text encoder (generate with --model-dir)
+    cache: str = "off"  # the step cache, whose held tensors the plan counts
 
 
 def plan_config(*, preset: str, height: int, width: int, frames: int, dtype: str, cfg: int, dp: int,
@@ -88,7 +90,7 @@ def plan_config(*, preset: str, height: int, width: int, frames: int, dtype: str
         steps=1, seed=0, guidance=6.0, flow_shift=7.0, output_dir=Path("."), dtype=dtype, vae_tiling=vae_tiling,
         negative_prompt="negative" if cfg == 2 else None, cfg_scale=2.0 if cfg == 2 else 1.0, cfg_degree=cfg,
         dp=dp, ulysses=ulysses, ring=ring, max_gpu_memory=knobs.max_gpu_memory, memory_profile=knobs.memory_profile,
-        fp8=knobs.fp8, stream_blocks=knobs.stream_blocks, chunk_tokens=knobs.chunk_tokens,
+        fp8=knobs.fp8, stream_blocks=knobs.stream_blocks, chunk_tokens=knobs.chunk_tokens, cache=knobs.cache,
         topology_file=None if topology_file is None else Path(topology_file),
     )
 
@@ -163,7 +165,7 @@ def estimate_memory(job: ResolvedJob, local_tokens: int) -> MemoryEstimate:
     return MemoryEstimate(
         # On the GPU: the resident blocks, the streaming slots and FP8's dequantisation buffers.
         dit_params=dit_parameter_count(cfg.preset), dit_weights=plan.resident_weights + plan.slots + plan.fp8_temp,
-        activations=acts,
+        activations=acts, step_cache=plan.step_cache,
         vae_tiling=tiling, vae_tile=vae.tile_shape(latent, tiling),
         vae_weights=plan.vae_weights if calibrated else None,
         vae_decode=plan.decode - plan.vae_weights if calibrated else None, notes=tuple(notes),
@@ -196,6 +198,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", default="off", choices=FP8_MODES, help="as generate's --fp8")
     p.add_argument("--stream-blocks", type=int, help="as generate's --stream-blocks")
     p.add_argument("--chunk-tokens", type=int, help="as generate's --chunk-tokens")
+    p.add_argument("--cache", default="off", choices=CACHES, help="as generate's --cache (counts what the cache holds)")
     p.add_argument("--with-text-encoder", action="store_true",
                    help="count the release's LLM text encoder (generate with --model-dir)")
     p.add_argument("--topology", dest="topology_file", help="topology YAML instead of configs/topology/ (e.g. a "
@@ -249,12 +252,12 @@ def _default_cfg(defaults, gpus: int, dp: int) -> int:
 
 def _memory_knobs(args: argparse.Namespace) -> MemoryKnobs | None:
     given = (args.max_gpu_memory, args.memory_profile, args.stream_blocks, args.chunk_tokens)
-    if all(v is None for v in given) and args.fp8 == "off" and not args.with_text_encoder:
+    if all(v is None for v in given) and args.fp8 == "off" and not args.with_text_encoder and args.cache == "off":
         return None
     budget = None if args.max_gpu_memory is None else parse_memory(args.max_gpu_memory)
     return MemoryKnobs(max_gpu_memory=budget, memory_profile=args.memory_profile, fp8=args.fp8,
                        stream_blocks=args.stream_blocks, chunk_tokens=args.chunk_tokens,
-                       text_llm=args.with_text_encoder)
+                       text_llm=args.with_text_encoder, cache=args.cache)
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -87,6 +87,7 @@ def _memory_lines(plan: Plan) -> list[str]:
         "memory per rank, GiB (estimate):",
         f"  DiT weights      {_gib(mem.dit_weights)}  {weights}, on every rank",
         f"  DiT activations  {_gib(acts.peak)}  one forward at {forward}",
+        *([f"  step cache       {_gib(mem.step_cache)}  the residuals and signals --cache keeps"] if mem.step_cache else []),
         f"  denoise          {_gib(mem.denoise)}  every rank",
         f"  VAE decode       {_gib(mem.decode)}  first rank of each dp replica, DiT freed: {vae}",
         f"  peak             {_gib(mem.writer_peak)}  first rank of each dp replica; {others}",
@@ -102,7 +103,8 @@ def _placement_lines(plan: Plan) -> list[str]:
         f"memory plan ({m.reason}):",
         f"  chosen: {p.label}",
         f"    peak {p.peak / GIB:.2f} GiB per GPU: resident weights {p.resident_weights / GIB:.2f}, streaming slots "
-        f"{p.slots / GIB:.2f}, activations {p.activations / GIB:.2f}, FP8 buffers {p.fp8_temp / GIB:.2f}, "
+        f"{p.slots / GIB:.2f}, activations {p.activations / GIB:.2f}, "
+        f"{f'step cache {p.step_cache / GIB:.2f}, ' if p.step_cache else ''}FP8 buffers {p.fp8_temp / GIB:.2f}, "
         f"{p.overhead.note()}; VAE decode {p.decode / GIB:.2f}, text encoders {p.text / GIB:.2f}",
         *_chunk_lines(plan), _text_line(plan),
     ]

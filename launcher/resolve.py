@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from models import ModelFamily, ModelInputError, get_family
+from models.step_cache import held_streams
 from parallel.backends import backend_problem
 from parallel.topology import ResolvedTopology, TopologyError, TopologyTable
 from parallel.topology_choice import explain, node_local, table_for
@@ -205,25 +206,12 @@ def _plan_memory(cfg: RunConfig, dit, table: TopologyTable, world: int, dtype: t
         t = chosen[degree][0].topology
         shape = JobShape(preset=cfg.preset, dit=dit, height=cfg.height, width=cfg.width, frames=cfg.frames,
                          dtype=dtype_name(dtype), world=world, dp=t.dp, cfg_degree=t.cfg, ulysses=t.ulysses,
-                         ring=t.ring, text_llm=text_weights)
+                         ring=t.ring, text_llm=text_weights,
+                         cache_streams=held_streams(cfg.cache, 2 if cfg.uses_cfg and t.cfg == 1 else 1))
         return shape, chosen[degree][0]
 
     memory = plan_job(cfg, shape_for, cfg_options(cfg, world), device_memory)
     return memory, chosen[memory.topology.topology.cfg][1]
-
-
-def check_cache(cfg: RunConfig, family, memory: JobMemory) -> None:
-    """A TeaCache signal read from the first block's weights outside that block's call cannot run
-    when the memory plan (or its out-of-memory fallback) streams every block: the block's weights
-    are only on the GPU during its own call."""
-    spec = family.cache(family.config(cfg.preset)) if cfg.cache == "teacache" else None
-    if spec is None or not spec.tea_reads_block:
-        return
-    for plan in (memory.plan, memory.fallback):
-        if plan is not None and plan.placement.streamed >= plan.blocks:
-            raise ConfigError(f"--cache teacache reads the first block's modulation between its calls, and the memory "
-                              f"plan ({plan.label}) streams every block: use --cache fbcache, or a larger "
-                              f"--max-gpu-memory / fewer --stream-blocks")
 
 
 def host_memory_bytes() -> int | None:
@@ -285,7 +273,6 @@ def resolve_job(cfg: RunConfig, *, world: int, device: torch.device, device_memo
         text_weights = cfg.model_dir is not None and family.text.has_weights(dit)
     memory, reason = _plan_memory(cfg, dit, table, world, dtype, device_memory, gpus_per_node, text_weights)
     check_attention(cfg, math.prod(dit.token_grid(cfg.height, cfg.width, cfg.frames)), memory.topology, device.type)
-    check_cache(cfg, family, memory)
     if device.type == "cpu" and host_memory_per_rank is not None:
         check_host_memory(cfg, memory, host_memory_per_rank)
     return ResolvedJob(cfg=cfg, family=family, dit=dit, world=world, device=device, dtype=dtype,

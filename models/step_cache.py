@@ -51,15 +51,14 @@ class CacheSpec:
     ``tea_coefficients``: the polynomial rescaling TeaCache's relative L1 change (highest power
     first); ``tea_threshold`` / ``fb_threshold``: the defaults of ``--cache-threshold``;
     ``tea_warmup``: steps always computed at the start (the last step always is); ``tea_signal``:
-    what the signal is, for the record; ``tea_reads_block``: whether the signal reads the first
-    block's weights outside its call (then that block must not be streamed)."""
+    what the signal is, for the record."""
 
     tea_coefficients: tuple[float, ...]
     tea_threshold: float
     fb_threshold: float
     tea_warmup: int = 1
     tea_signal: str = ""
-    tea_reads_block: bool = False
+    stream_fp32: bool = False  # the image stream between blocks is fp32 whatever the DiT's dtype (Wan)
     note: str = ""  # where the numbers come from
 
 
@@ -99,6 +98,28 @@ class CacheSettings:
         if self.kind == "teacache":
             out |= {"coefficients": list(self.coefficients), "warmup_steps": self.warmup}
         return out
+
+
+def call_with_weights_on(device: torch.device, module: torch.nn.Module, *args):
+    """``module(*args)`` with its weights on ``device``. A signal may read a block's layer between
+    the block's calls, when a streamed block's weights wait in host memory: then a device copy of
+    that layer's tensors is used for this call (functional_call leaves the module as it was)."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    if all(t.device == device for t in tensors.values()):
+        return module(*args)
+    return torch.func.functional_call(module, {k: t.to(device) for k, t in tensors.items()}, args)
+
+
+def held_streams(kind: str, branches: int) -> int:
+    """How many image-stream tensors `[B, S, C]` (this rank's shard) a cache of ``kind`` holds on
+    top of an uncached forward, at its peak (while the blocks compute), for ``branches`` passes per
+    step (2: classic CFG in one process). Per branch: the cached residual, the compared signal (or
+    first-block residual) and the blocks' input kept for the new residual, plus for FBCache the
+    stream before the first block; a branch that waits holds its stream, one that is done its output."""
+    if kind == "off":
+        return 0
+    per_branch = 3 if kind == "teacache" else 4
+    return per_branch * branches + 2 * (branches - 1)
 
 
 def polynomial(coefficients: Sequence[float], x: float) -> float:

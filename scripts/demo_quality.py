@@ -33,6 +33,12 @@ VARIANTS = [
     ("ulysses 4", 4, ["--ulysses", "4", "--ring", "1"]),
     ("ulysses 2 x ring 2", 4, ["--ulysses", "2", "--ring", "2"]),
     ("ring 4", 4, ["--ulysses", "1", "--ring", "4"]),
+    # Step caches at their defaults and more eager, and one under sequence parallel.
+    ("teacache 0.1", 1, ["--cache", "teacache"]),
+    ("teacache 0.2", 1, ["--cache", "teacache", "--cache-threshold", "0.2"]),
+    ("fbcache 0.06", 1, ["--cache", "fbcache"]),
+    ("fbcache 0.12", 1, ["--cache", "fbcache", "--cache-threshold", "0.12"]),
+    ("teacache 0.1 on ulysses 2 x ring 2", 4, ["--cache", "teacache", "--ulysses", "2", "--ring", "2"]),
 ]
 
 
@@ -51,6 +57,13 @@ def grammar_accuracy(run: Path) -> dict:
     from demo_check import accuracy, check_run
 
     return accuracy(check_run(run))
+
+
+def skipped_steps(run: Path) -> float | None:
+    """The mean number of steps the step cache skipped per video, None without a cache."""
+    caches = [json.loads(r.read_text()).get("step_cache") for r in sorted(run.glob("*.json"))]
+    counts = [len(c["skipped_steps"]) for c in caches if c]
+    return sum(counts) / len(counts) if counts else None
 
 
 def main(argv=None) -> int:
@@ -77,17 +90,18 @@ def main(argv=None) -> int:
         s = summary(compare(run, exact))
         acc = grammar_accuracy(run)
         rows.append({"variant": name, "ranks": ranks, "psnr_db_mean": s["psnr_db_mean"], "psnr_db_min": s["psnr_db_min"],
-                     "identical": s["identical"], "grammar_colour": acc["colour"], "grammar_motion": acc["motion"]})
+                     "identical": s["identical"], "grammar_colour": acc["colour"], "grammar_motion": acc["motion"],
+                     "skipped_steps_mean": skipped_steps(run)})
         print(json.dumps(rows[-1]), flush=True)
     clean = [json_safe(r) for r in rows]
     (args.out / "demo_quality.json").write_text(json.dumps({"device": args.device, "prompts": args.prompts,
                                                            "rows": clean}, indent=2) + "\n")
     fmt = lambda x: "-" if x is None else ("identical" if x == float("inf") else f"{x:.1f}")  # noqa: E731
-    print(f"\n| variant | ranks | PSNR mean (dB) | PSNR min (dB) | colour ok | motion ok |   ({args.prompts} prompts, "
-          f"{args.device})\n|---|---|---|---|---|---|")
+    print(f"\n| variant | ranks | PSNR mean (dB) | PSNR min (dB) | colour ok | motion ok | steps skipped |   "
+          f"({args.prompts} prompts, {args.device})\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['ranks']} | {fmt(r['psnr_db_mean'])} | {fmt(r['psnr_db_min'])} | "
-              f"{r['grammar_colour']:.0%} | {r['grammar_motion']:.0%} |")
+              f"{r['grammar_colour']:.0%} | {r['grammar_motion']:.0%} | {fmt(r.get('skipped_steps_mean'))} |")
     return 0
 
 

@@ -174,8 +174,7 @@ FAMILY = models.register_family(models.ModelFamily(
     vae=models.VaeSpec(load=lambda model_dir, cfg, *, device, dtype: IdentityVAE(), decode=decode,
                        tilings=("whole",)),
     guidance="cfg",
-    cache=lambda cfg: models.CacheSpec(tea_coefficients=(1.0, 0.0), tea_threshold=0.1, fb_threshold=0.1,
-                                       tea_reads_block=True),
+    cache=lambda cfg: models.CacheSpec(tea_coefficients=(1.0, 0.0), tea_threshold=0.1, fb_threshold=0.1),
     frame_step=1,
     topology_table=None,  # no YAML: the rule picks the degrees
 ))

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..tokens import patchify, unpatchify  # noqa: F401  (re-exported: the family's token layout)
 from ..attention import JointAttention, sdpa_joint_attention
+from ..step_cache import call_with_weights_on
 from .blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock, TokenRefiner
 from .config import HunyuanVideoConfig
 from .layers import MLPEmbedder, PatchEmbed, TimestepEmbedder, layer_norm, modulate
@@ -123,7 +124,7 @@ class HunyuanVideoDiT(nn.Module):
         image stream normed and modulated by that block's img_mod shift and scale), a shard of
         the tokens (True)."""
         first = self.double_blocks[0]
-        shift, scale = first.img_mod(s.vec)[:2]
+        shift, scale = call_with_weights_on(s.vec.device, first.img_mod, s.vec)[:2]
         return modulate(layer_norm(s.img, first.eps), shift, scale), True
 
 

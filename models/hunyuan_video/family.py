@@ -217,7 +217,7 @@ def vae_note(latent, tiling: str) -> str | None:
 CACHE = CacheSpec(
     tea_coefficients=(7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02),
     tea_threshold=0.1, fb_threshold=0.06, tea_warmup=1,
-    tea_signal="the first double block's modulated image input (a shard per rank)", tea_reads_block=True,
+    tea_signal="the first double block's modulated image input (a shard per rank)",
     note="TeaCache4HunyuanVideo polynomial, threshold 0.1 (1.6x published); FBCache 0.06 (ParaAttention)",
 )
 

@@ -165,6 +165,7 @@ def cache_spec(cfg: WanConfig) -> CacheSpec:
     big = cfg.hidden_size >= 5120
     return CacheSpec(tea_coefficients=_TEA_14B if big else _TEA_1_3B, tea_threshold=0.2 if big else 0.08,
                      fb_threshold=0.1, tea_warmup=5, tea_signal="the time modulation e0 (whole on every rank)",
+                     stream_fp32=True,
                      note=f"TeaCache4Wan2.1 {'14B' if big else '1.3B'} polynomial with retention steps")
 
 
