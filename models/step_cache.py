@@ -17,10 +17,10 @@ sequence parallel); a frozen dataclass, so ``dataclasses.replace(state, img=...)
 
 Sequence and CFG parallel: every rank of a replica must take the same branch, or the next
 collective hangs. A decision is made from two sums (of |a - b| and of |b| over the elements), which
-``reduce`` sums over the replica's ranks in fp64 (the SP shards and the CFG pair; a signal every rank
-holds whole is summed over the CFG pair only). An all-reduce hands every rank the same two numbers,
-so every rank decides alike by construction. Padded tokens are left out of the sums, and the cached
-residuals stay this rank's shard. Classic CFG in one process runs both branches' first stages before
+``reduce`` sums over the replica's ranks in fp64 (the SP shards and the CFG pair). An all-reduce
+hands every rank the same two numbers, so every rank decides alike by construction. Padded tokens
+are left out of the sums; a signal every SP rank holds whole (Wan's) is counted once per SP rank,
+which scales both sums alike. The cached residuals stay this rank's shard. Classic CFG in one process runs both branches' first stages before
 deciding, so a step is skipped for both or for neither, as on a CFG-parallel pair.
 """
 
@@ -35,11 +35,11 @@ import torch
 
 CACHES = ("off", "teacache", "fbcache")
 
-# reduce(sums [2] fp64, sharded) -> the same sums added over the replica's ranks
-Reduce = Callable[[torch.Tensor, bool], torch.Tensor]
+# reduce(sums [2] fp64) -> the same sums added over the replica's ranks
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def local_reduce(sums: torch.Tensor, sharded: bool) -> torch.Tensor:
+def local_reduce(sums: torch.Tensor) -> torch.Tensor:
     """One process holds every token and every branch: nothing to add."""
     return sums
 
@@ -178,7 +178,7 @@ class StepCache:
         return step < warmup or step == self.steps - 1 or self._residual is None
 
     def _relative(self, new: list[torch.Tensor], sharded: bool) -> float:
-        sums = self.reduce(l1_sums(new, self._prev, self.valid_tokens if sharded else None), sharded)
+        sums = self.reduce(l1_sums(new, self._prev, self.valid_tokens if sharded else None))
         num, den = (float(v) for v in sums.cpu())
         return num / den if den > 0 else math.inf
 

@@ -119,16 +119,14 @@ def cfg_parallel_velocity(own: Velocity, mesh: ParallelMesh, combine: Callable) 
     return velocity
 
 
-def cache_reduce(mesh: ParallelMesh | None) -> Callable[[torch.Tensor, bool], torch.Tensor]:
-    """The step cache's ``reduce`` (models/step_cache.py) for this rank: a sharded signal's sums
-    over its replica's CFG and SP ranks, a signal every SP rank holds whole over the CFG pair only
-    (its SP ranks hold the same numbers). One all-reduce: every rank gets the same sums, so every
-    rank of the replica skips the same steps."""
+def cache_reduce(mesh: ParallelMesh | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step cache's ``reduce`` (models/step_cache.py) for this rank: its sums added over its
+    replica's CFG and SP ranks. One all-reduce hands every rank the same sums, so every rank of
+    the replica skips the same steps, whatever its shard holds."""
 
-    def reduce(sums: torch.Tensor, sharded: bool) -> torch.Tensor:
-        axes = REPLICA_AXES if sharded else (MeshAxis.CFG,)
-        if mesh is None or all(mesh.size(a) == 1 for a in axes):
+    def reduce(sums: torch.Tensor) -> torch.Tensor:
+        if mesh is None or all(mesh.size(a) == 1 for a in REPLICA_AXES):
             return sums
-        return mesh.sum_over(sums, axes)
+        return mesh.sum_over(sums, REPLICA_AXES)
 
     return reduce

@@ -120,7 +120,7 @@ class _Replay:
 
 
 def _decisions(signals, settings, valid, reduce=None) -> list[int]:
-    cache = StepCache(settings, len(signals), valid, reduce or (lambda sums, sharded: sums))
+    cache = StepCache(settings, len(signals), valid, reduce or (lambda sums: sums))
     dit = _Replay(signals)
     for _ in signals:
         cache.run(dit, [_State(torch.zeros(1))])
@@ -161,7 +161,7 @@ def _decisions_with_steps(signals, settings, valid_r, shards, valid) -> list[int
     """The decisions of one rank whose sums are added over every rank's shard of the same step."""
     dit = _Replay(signals)
 
-    def reduce(sums, sharded):
+    def reduce(sums):
         i = dit.calls - 1  # the step whose signal was just read
         parts = [l1_sums([shards[q][i]], [shards[q][i - 1]], valid[q]) for q in range(len(shards))]
         return sum(parts[1:], parts[0])  # rank order, as the all-reduce adds them
@@ -188,8 +188,8 @@ def test_cached_steps_with_every_block_streamed_equal_the_resident_run(tmp_path,
     """CPU, fp32. Skipped steps call the blocks out of the streamer's order (FBCache: block 0 alone;
     TeaCache reads block 0's modulation between its calls) and the streamer restarts its pipeline:
     with all 4 blocks of the tiny preset streamed, the latents and the skipped steps are the
-    resident run's. (On CUDA the streamed weights wait in host memory: tests/test_step_cache.py's
-    gpu test covers the signal read from there.)"""
+    resident run's. (On CUDA the streamed weights wait in host memory: the gpu test below covers
+    the signal read from there.)"""
     runs = {}
     for name, extra in (("resident", ()), ("streamed", ("--stream-blocks", "4"))):
         proc = run_launcher(tmp_path / name, *VIDEO, "--cache", kind, "--cache-threshold", "0.5", *extra)
@@ -201,9 +201,27 @@ def test_cached_steps_with_every_block_streamed_equal_the_resident_run(tmp_path,
     assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+def test_teacache_reads_a_streamed_first_block_from_host_memory_on_cuda(tmp_path):
+    """CUDA, fp32, one process. With every block streamed, block 0's weights wait in host memory
+    between its calls, so TeaCache's signal takes a device copy of its modulation layer: the
+    latents and the skipped steps equal the resident run's (up to the GPU's kernel choices)."""
+    runs = {}
+    for name, extra in (("resident", ()), ("streamed", ("--stream-blocks", "4"))):
+        proc = run_launcher(tmp_path / name, *VIDEO, "--cache", "teacache", "--cache-threshold", "0.5",
+                            "--device", "cuda", "--dtype", "fp32", *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = _latents_and_record(tmp_path / name)
+    (a, rec_a), (b, rec_b) = runs["resident"], runs["streamed"]
+    assert rec_b["memory"]["used"]["streamed_blocks"] == 4 and rec_b["device"].startswith("cuda")
+    assert rec_a["step_cache"]["skipped_steps"] == rec_b["step_cache"]["skipped_steps"] != []
+    assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
 SKIPS = re.compile(r"\[rank (\d)\] step cache (\w+) \(threshold [0-9.e-]+\): \d+ of \d+ steps computed, skipped (.*)")
 VIDEO = ("--prompt", "a cat", "--size", "48x80", "--frames", "5", "--steps", str(STEPS), "--log-all-ranks")  # 30 tokens
 CFG = ("--cfg-scale", "4", "--negative-prompt", "blurry")
+WAN = ("--preset", "wan-tiny")  # classic CFG by default (its release's scale and negative prompt)
 
 
 def _latents_and_record(out: Path):
@@ -217,11 +235,11 @@ def one_process(tmp_path_factory):
     """The one-process run of a cache and CFG choice (computed once): latents and record."""
     runs = {}
 
-    def get(cache: tuple, uses_cfg: bool):
-        key = (cache, uses_cfg)
+    def get(cache: tuple, flags: tuple):
+        key = (cache, flags)
         if key not in runs:
             out = tmp_path_factory.mktemp("one")
-            proc = run_launcher(out, *VIDEO, *cache, *(CFG if uses_cfg else ()))
+            proc = run_launcher(out, *VIDEO, *cache, *flags)
             assert proc.returncode == 0, proc.stderr
             runs[key] = _latents_and_record(out)
         return runs[key]
@@ -231,19 +249,21 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kind, threshold", [("teacache", "0.1"), ("fbcache", "0.5")])
-@pytest.mark.parametrize("nproc, flags", [
-    (2, ("--ulysses", "2", "--ring", "1")),
-    (4, ("--ulysses", "2", "--ring", "2")),
-    (4, ("--ulysses", "1", "--ring", "4")),
-    (2, ("--cfg", "2", *CFG)),
-    (4, ("--cfg", "2", "--ulysses", "2", *CFG)),
+@pytest.mark.parametrize("nproc, flags, same", [
+    (2, ("--ulysses", "2", "--ring", "1"), ()),
+    (4, ("--ulysses", "2", "--ring", "2"), ()),
+    (4, ("--ulysses", "1", "--ring", "4"), ()),
+    (2, ("--cfg", "2"), CFG),
+    (4, ("--cfg", "2", "--ulysses", "2"), CFG),
+    (4, ("--cfg", "2", "--ulysses", "2"), WAN),
 ])
-def test_every_rank_skips_the_steps_one_process_skips(tmp_path, one_process, kind, threshold, nproc, flags):
-    """CPU, fp32, gloo. Uneven shards (30 tokens over 2 and 4 ranks), every SP factorisation and
-    CFG parallel: every rank logs the same skipped steps, which are those of one process, and the
-    latents equal the one-process run's."""
+def test_every_rank_skips_the_steps_one_process_skips(tmp_path, one_process, kind, threshold, nproc, flags, same):
+    """CPU, fp32, gloo. 30 tokens (uneven over 4 SP ranks), every SP factorisation and CFG
+    parallel, both families: every rank logs the same skipped steps, which are those of one
+    process, and the latents equal the one-process run's."""
     cache = ("--cache", kind, "--cache-threshold", threshold)
-    ref, ref_record = one_process(cache, "--cfg" in flags)
+    flags = (*flags, *same)
+    ref, ref_record = one_process(cache, same)
     skipped = ref_record["step_cache"]["skipped_steps"]
     assert skipped and ref_record["step_cache"]["kind"] == kind
     assert sorted(skipped + ref_record["step_cache"]["computed_steps"]) == list(range(STEPS))
