@@ -184,13 +184,10 @@ class Float8Linear(nn.Module):
         """`[out, in]` in `dtype`."""
         return dequantize_weight(self.weight, self.scale, dtype)
 
-    def rows(self, rows: slice) -> "Float8Linear":
-        """The output features ``rows`` of this layer as a layer of its own, on views of the same
-        tensors (no copy; read at call time, as ``forward`` reads them)."""
-        part = Float8Linear(self.weight[rows], self.scale[rows], None if self.bias is None else self.bias[rows],
-                            mode=self.mode)
-        part.use_fast_accum = self.use_fast_accum
-        return part
+    def rows(self, rows: slice) -> "Float8Rows":
+        """The output features ``rows`` of this layer as a callable of its own, on views of the
+        same tensors (no copy; taken when called for, as ``forward`` reads them)."""
+        return Float8Rows(self, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., in]` -> `[..., out]` in x's dtype."""
@@ -247,6 +244,26 @@ class Float8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, mode={self.mode}"
+
+
+class Float8Rows:
+    """``Float8Linear.rows``: output features ``rows`` of a layer, computed as the layer computes
+    them, on views of its tensors. A plain object rather than a Module because a block makes one
+    inside its forward (the single-stream block's fused ``linear1``), where torch.compile cannot
+    construct Parameters (each one would be a graph break)."""
+
+    def __init__(self, layer: Float8Linear, rows: slice):
+        self.weight, self.scale = layer.weight[rows], layer.scale[rows]
+        self.bias = None if layer.bias is None else layer.bias[rows]
+        self.out_features, self.in_features = self.weight.shape
+        self.mode, self.use_fast_accum = layer.mode, layer.use_fast_accum
+
+    # The layer's own code, so both compute alike.
+    __call__ = forward = Float8Linear.forward
+    dequantized_weight = Float8Linear.dequantized_weight
+    _forward_storage = Float8Linear._forward_storage
+    _matmul_ok = Float8Linear._matmul_ok
+    _forward_matmul = Float8Linear._forward_matmul
 
 
 def check_mode(mode: str) -> str:
@@ -322,7 +339,7 @@ def block_weight_bytes(preset, *, fp8: bool, dtype: torch.dtype = torch.bfloat16
 
 
 __all__ = [
-    "BLOCK_PREFIXES", "E4M3_MAX", "FP8", "FP8_DTYPES", "MODES", "Float8Linear", "block_weight_bytes",
+    "BLOCK_PREFIXES", "E4M3_MAX", "FP8", "FP8_DTYPES", "MODES", "Float8Linear", "Float8Rows", "block_weight_bytes",
     "dequantize_weight", "fp8_linear_names", "float8_modules", "quantize_model", "quantize_rows",
     "quantize_weight", "row_quantizer", "scaled_mm_supported", "set_fp8_mode", "weight_bytes",
 ]

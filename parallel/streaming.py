@@ -223,12 +223,17 @@ class LayerStreamer:
     def device_bytes(self) -> int:
         return sum(s.numel() for s in self.slots)
 
+    # The hooks run eagerly even on a compiled block (`--compile`): traced, they would put the
+    # copy stream's work in the graph and guard on the pipeline's counters, which change on every
+    # call (a recompile per call until dynamo gives up on the block).
     def _make_pre(self, i: int):
+        @torch.compiler.disable
         def hook(module, args):
             self._before(i)
         return hook
 
     def _make_post(self, i: int):
+        @torch.compiler.disable
         def hook(module, args, out):
             self._after(i)
         return hook
