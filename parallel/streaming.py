@@ -72,8 +72,11 @@ class BlockLayout:
         return cls(tuple(slots), offset)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Typed views of ``flat`` (``uint8``, at least ``nbytes`` long), one per tensor."""
-        return [flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.slots]
+        """Typed views of ``flat`` (``uint8``, at least ``nbytes`` long), one per tensor; a
+        parameter's view is a Parameter, as the tensor it stands for (a compiled block guards on
+        the type: plain tensors would compile a second time for the streamed blocks)."""
+        views = [flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.slots]
+        return [nn.Parameter(v, requires_grad=False) if s.is_param else v for s, v in zip(self.slots, views)]
 
     def bind(self, tensors: Sequence[torch.Tensor]) -> None:
         """Point the block's parameters/buffers at ``tensors`` (no copy, no autograd)."""
@@ -270,7 +273,10 @@ class LayerStreamer:
             torch.cuda.current_stream(self.device).wait_event(ready)
         key = (i, slot)
         if key not in self._slot_views:
-            self._slot_views[key] = self.layouts[i].views(self.slots[slot])
+            # Made outside inference mode even in a forward under it: the same kind of tensors as
+            # the resident blocks' parameters, whose dispatch keys a compiled block guards on.
+            with torch.inference_mode(False):
+                self._slot_views[key] = self.layouts[i].views(self.slots[slot])
         self.layouts[i].bind(self._slot_views[key])
 
     def _after(self, i: int) -> None:
