@@ -6,6 +6,7 @@ input makes every rank exit with the same message instead of some ranks hanging 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,9 @@ class RunConfig:
     attention: str = "native"
     attention_kernel: str = "auto"  # native only: parallel.kernels (a failing one falls back at run time)
     no_video: bool = False
+    # Regional torch.compile of the DiT's blocks (models/compile.py) and where inductor keeps its caches.
+    compile: bool = False
+    compile_cache: Path | None = None  # None: inductor's default ($TORCHINDUCTOR_CACHE_DIR or /tmp)
 
     @property
     def uses_cfg(self) -> bool:
@@ -157,6 +161,22 @@ def validate(cfg: RunConfig) -> None:
     _validate_weights(cfg, family)
     _validate_benchmarking(cfg)
     cache_settings(cfg, family)
+    _validate_compile(cfg)
+
+
+def _validate_compile(cfg: RunConfig) -> None:
+    """--compile-cache must be a folder this process can write (or create): inductor would
+    otherwise fail at the first step's compile, on whichever ranks see the path so."""
+    path = cfg.compile_cache
+    if path is None:
+        return
+    if not cfg.compile:
+        raise ConfigError(f"--compile-cache {path} keeps --compile's kernels: give --compile too")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--compile-cache {path}: not a directory (a file is in the way); give a folder")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--compile-cache {path}: {existing} is not a folder this process can write")
 
 
 def cache_settings(cfg: RunConfig, family):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from models.compile import compile_dit, use_cache_dir
 from models.sampling import TextConditioning, cached_velocities, classifier_free, euler_loop, guided_velocity, model_velocity
 from models.step_cache import StepCache
 from parallel.mesh import SP_AXES, MeshAxis, ParallelMesh, build_parallel_mesh, init_distributed, teardown
@@ -84,6 +85,7 @@ def run_generate(cfg: RunConfig) -> list[Path]:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     setup_logging(rank, world, cfg.log_all_ranks)
     _expandable_segments_under_budget(cfg)
+    use_cache_dir(cfg.compile_cache)  # before anything compiles
     job, loaded = validate_job(cfg, rank, world)
     if cfg.model_dir is None:
         log.info("weights: seeded random (no --model-dir): the video is noise")
@@ -179,7 +181,8 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
                  finished, skip: set[int] = frozenset()) -> None:
     """Place the DiT as ``plan`` says and denoise this replica's prompts but ``skip``, calling
     ``finished(i, latents [1, C, T, h, w] on the CPU, step seconds, host store kind, attention,
-    step-cache record or None)`` after each. The placement is torn down however this ends."""
+    step-cache record or None, compile entry or None)`` after each. The placement is torn down
+    however this ends."""
     cfg = job.cfg
     with timer.phase("load_dit"):
         model, placed = ph.build_dit(job.family, cfg.preset, loaded, job.device, job.dtype, plan.placement,
@@ -192,6 +195,7 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
         else:
             log.info("attention: %s, kernel %s%s", shard.attention.backend, shard.attention.kernel,
                      f" ({shard.attention.note})" if shard.attention.note else "")
+        compiled = compile_dit(model, job.family.blocks(model)) if cfg.compile else None  # after parallelize
         cos, sin = model.rope(grid)
         rope = (shard.shard(cos, 0).to(job.device), shard.shard(sin, 0).to(job.device))
         dp_rank = mesh.local_rank(MeshAxis.DP) if mesh is not None else 0
@@ -206,7 +210,8 @@ def _denoise_all(job: Job, plan: MemoryPlan, loaded, conds, mesh: ParallelMesh |
                 log.info("step cache %s (threshold %g): %d of %d steps computed, skipped %s", cache.settings.kind,
                          cache.settings.threshold, len(cache.computed), cfg.steps, cache.skipped or "none")
             finished(i, latents, step_s, placed.host_kind, shard.current_attention(),
-                     None if cache is None else cache.record())
+                     None if cache is None else cache.record(),
+                     None if compiled is None else compiled.finish(step_s))
     finally:
         placed.close()
         del model

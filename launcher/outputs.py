@@ -55,7 +55,7 @@ class VideoWriter:
         inline = plan.decodes_beside_dit(self.job.memory.limit)
 
         def finished(i: int, latents: torch.Tensor, step_s: list[float], host: str | None, attention,
-                     cache: dict | None = None) -> None:
+                     cache: dict | None = None, compiled: dict | None = None) -> None:
             self.done.add(i)
             # Every rank of the replica ran this prompt: gather its ranks' peaks, in step.
             mine = {"host": hostname(), **peak_memory(self.job.device)}
@@ -63,7 +63,8 @@ class VideoWriter:
             shares = not self.job.cfg.no_video and self._decode_path(plan)[0] == SHARED
             if not (self.is_writer or shares):
                 return
-            item = (i, latents, step_s, peaks, plan, memory_record(self.job, plan, oom, host), attention, cache)
+            item = (i, latents, step_s, peaks, plan, memory_record(self.job, plan, oom, host), attention, cache,
+                    compiled)
             if inline:
                 self._write(*item)
             else:
@@ -103,7 +104,7 @@ class VideoWriter:
                 "tiles_per_rank": tiles, "seconds_per_rank": seconds}
         return video, info
 
-    def _write(self, i, latents, step_s, peaks, plan, memory, attention, cache) -> None:
+    def _write(self, i, latents, step_s, peaks, plan, memory, attention, cache, compiled) -> None:
         from .video import whole_or_none, write_json_atomic
 
         job, cfg, timer = self.job, self.job.cfg, self.timer
@@ -118,7 +119,7 @@ class VideoWriter:
                 with timer.phase("write"):
                     ph.write_outputs(job.paths[i], video, latents, fps=cfg.fps, overwrite=replace)
                 rec = record(job, i, timer, step_s, peaks, attention) | {"memory": memory, "vae_decode": decode,
-                                                                          "step_cache": cache}
+                                                                          "step_cache": cache, "compile": compiled}
                 write_json_atomic(rec, job.paths[i]["record"], overwrite=replace)
         except OSError as err:  # a full disk or a folder gone read-only: one line, nothing partial kept
             raise ph.RankFailure(f"writing prompt {i + 1}'s outputs to {cfg.output_dir} failed "

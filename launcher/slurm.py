@@ -108,7 +108,8 @@ def resolve_cluster_job(args: argparse.Namespace) -> ResolvedJob:
 
 def passthrough_args(args: argparse.Namespace) -> list[str]:
     """`generate`'s flags that differ from their defaults, as argv (unquoted). Paths that were
-    validated here (model dir, prompts file) are made absolute, so the job reads the same files."""
+    validated here (model dir, prompts file, compile cache) are made absolute, so the job reads the
+    same files."""
     probe = argparse.ArgumentParser(add_help=False)
     add_generate_args(probe)
     out: list[str] = []
@@ -120,7 +121,7 @@ def passthrough_args(args: argparse.Namespace) -> list[str]:
         if isinstance(action, argparse._StoreTrueAction):
             out.append(flag)
             continue
-        if isinstance(value, Path) and action.dest in ("model_dir", "prompts_file"):
+        if isinstance(value, Path) and action.dest in ("model_dir", "prompts_file", "compile_cache"):
             value = value.resolve()
         out += [flag, str(value)]
     return out
