@@ -5,7 +5,8 @@ One row per configuration (dict, one JSON line in runs.jsonl):
     kernel, ulysses, ring, steps, warmup, status ("ok", "failed", "timeout", "skipped"), error,
     exit_code, seconds (median s/step after the warm-up steps), step_seconds, phases (the record's
     timings_s), peak_gib (max over ranks), peak_gib_per_rank, peak_kind ("gpu_allocated" from
-    torch, or "host_rss" on the CPU), speedup, efficiency, baseline_seconds, command, log, wall_s.
+    torch, or "host_rss" on the CPU), speedup, efficiency, baseline_seconds, command, log, wall_s,
+    compile (the record's `compile` entry: blocks compiled, seconds compiling; None when eager).
 
 Made from them: table.md, step_time.png and efficiency.png (matplotlib, Agg; skipped with a note
 when it is not installed: rebuild them elsewhere with `sweep --report-from runs.jsonl`), and
@@ -106,6 +107,7 @@ def metrics(record: dict, warmup: int) -> dict:
         "device": _device_name(record),
         "cfg": record["topology"]["cfg"], "cfg_scale": record.get("cfg_scale"),
         "_ulysses": record["topology"]["ulysses"], "_ring": record["topology"]["ring"],
+        "compile": record.get("compile"),  # --compile in --extra-args: what compiling cost (None: eager)
     }
 
 
