@@ -125,7 +125,8 @@ class CompileReport:
 
 def first_step_extra_s(step_s: list[float]) -> float | None:
     """The first step's seconds less the median of the others: the compile's cost as the run saw it
-    (an estimate: it includes the first-call warm-up an eager run pays too). None for one step."""
+    (an estimate: it includes the first-call warm-up an eager run pays too, and steps a step cache
+    skipped lower the median). None for one step."""
     if len(step_s) < 2:
         return None
     return round(step_s[0] - statistics.median(step_s[1:]), 3)
