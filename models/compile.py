@@ -76,9 +76,9 @@ def _fall_back_per_region() -> None:
     verdict. Errors at run time (not at compile time) still raise and end the job non-zero.
 
     The recompile limit stays at dynamo's default (8 per code object): blocks of one class share
-    their compiled code (60 HunyuanVideo blocks: 4 graphs, none recompiled), and a job runs one
-    shape, so a region compiles once per block class, or once more for an FP8 or streamed
-    variant after an out-of-memory fallback."""
+    their compiled code (60 HunyuanVideo blocks: 4 graphs, none recompiled; streamed and resident
+    blocks alike), and a job runs one shape, so a region compiles once per block class, and once
+    more only where an out-of-memory fallback changes the blocks (FP8, another token chunk)."""
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
