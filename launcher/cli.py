@@ -92,10 +92,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 def add_compile_args(p: argparse.ArgumentParser) -> None:
     comp = p.add_argument_group("compilation")
     comp.add_argument("--compile", action="store_true",
-                      help="torch.compile each DiT block (attention stays eager); off by default: on one H200 it "
-                           "saved 15%% per step at 29,700 tokens but 4.5%% at 118,800, and the first step pays "
-                           "11-15 s of compiling, so it pays off only over enough steps (the record's `compile` "
-                           "says what it cost)")
+                      help="torch.compile each DiT block (attention stays eager): on one H200 -6.4%% per step at "
+                           "720x1280x129 (blocks -17%% at 29,700 tokens per rank), the first step ~15 s longer on "
+                           "a cold cache; off by default (bf16 rounds differently from the eager path the release "
+                           "runs; short runs do not win the compile back). The record's `compile` says what it cost")
     comp.add_argument("--compile-cache", type=Path, metavar="DIR",
                       help="keep inductor's compile caches in DIR (e.g. shared storage for Slurm jobs), so later "
                            "runs load the kernels instead of compiling them (default: $TORCHINDUCTOR_CACHE_DIR, "
