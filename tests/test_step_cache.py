@@ -198,7 +198,9 @@ def test_cached_steps_with_every_block_streamed_equal_the_resident_run(tmp_path,
     (a, rec_a), (b, rec_b) = runs["resident"], runs["streamed"]
     assert rec_b["memory"]["used"]["streamed_blocks"] == 4
     assert rec_a["step_cache"]["skipped_steps"] == rec_b["step_cache"]["skipped_steps"] != []
-    assert torch.equal(a, b)
+    # Within fp32 rounding, not bit for bit: CPU matmul kernels may pick another path for weights
+    # that live in the streamer's buffers (other alignment) on a many-core machine.
+    assert ((a - b).norm() / a.norm()).item() < 1e-6
 
 
 @pytest.mark.gpu
