@@ -289,8 +289,9 @@ def denoise_one(job: Job, model, shard: SequenceShard, rope, conds: list[TextCon
     negative = conds[-1].to(device) if cfg.uses_cfg else None
     if mesh is not None and mesh.size(MeshAxis.CFG) == 2:
         mine = cond if mesh.local_rank(MeshAxis.CFG) == 0 else negative
-        own = model_velocity(model, rope, mine, guidance)
-        if cache is not None:  # one branch here; the cache's sums span both CFG ranks
+        if cache is None:
+            own = model_velocity(model, rope, mine, guidance)
+        else:  # one branch on this rank; the cache's sums span both CFG ranks
             branch = cached_velocities(model, rope, [mine], guidance, cache)
             own = lambda x, t: branch(x, t)[0]  # noqa: E731
         velocity = cfg_parallel_velocity(own, mesh, partial(classifier_free, scale=cfg.cfg_scale))
