@@ -130,6 +130,15 @@ def polynomial(coefficients: Sequence[float], x: float) -> float:
     return value
 
 
+def rescaled(coefficients: Sequence[float], distance: float) -> float:
+    """TeaCache's rescaled change: the family's polynomial at the relative change, or the change
+    itself where the polynomial is negative. Wan's published fits go negative far from the changes
+    they were fitted on (a large change would count as less than none, and every later step would
+    be skipped: seen with few steps); HunyuanVideo's stays above 0.05 everywhere, so it is unchanged."""
+    value = polynomial(coefficients, distance)
+    return value if value >= 0 else distance
+
+
 def l1_sums(new: Sequence[torch.Tensor], old: Sequence[torch.Tensor], valid: int | None) -> torch.Tensor:
     """`[sum |new - old|, sum |old|]` in fp64 over every branch's tensor; ``valid``: the first
     ``valid`` tokens of each `[B, S, C]` tensor count (padding follows them), None: all elements."""
@@ -191,7 +200,7 @@ class StepCache:
             self._acc = 0.0
         elif self.settings.threshold > 0:
             distance = self._relative(new, sharded)
-            self._acc += polynomial(self.settings.coefficients, distance)
+            self._acc += rescaled(self.settings.coefficients, distance)
             skip = self._acc < self.settings.threshold
         self._prev = new  # the signal of every step, skipped or not (as published)
         if skip:
