@@ -285,3 +285,30 @@ def test_every_rank_skips_the_steps_one_process_skips(tmp_path, one_process, kin
     assert record["step_cache"]["skipped_steps"] == skipped
     rel = ((latents - ref).norm() / ref.norm()).item()
     assert rel < 1e-5, f"latents differ from one process: relative {rel:.2e}"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "wan-tiny"])
+def test_an_uncached_forward_frees_the_first_block_input_before_the_last_block(preset):
+    """CPU. The stages must cost nothing without a cache: by the time the last block runs, the
+    image stream that entered the first block is gone (a held stage state would keep one more
+    `[B, S, C]` alive through every block, which the memory planner does not count)."""
+    import weakref
+
+    family = models.get_family(preset)
+    model, tokens, rope, cond, _, guidance = _problem(family)
+    entered, alive = [], []
+    enter = model.enter
+
+    def tracked(*args):
+        state = enter(*args)
+        entered.append(weakref.ref(state.img))
+        return state
+
+    model.enter = tracked
+    last = family.blocks(model)[-1][1]
+    last.register_forward_pre_hook(lambda module, args: alive.append(entered[-1]() is not None))
+    t = torch.tensor([500.0])
+    g = None if guidance is None else torch.tensor([6000.0])
+    with torch.inference_mode():
+        model(tokens, *rope, cond.txt, cond.mask, t, cond.pooled, g)
+    assert alive == [False], "the first block's input is still held when the last block runs"

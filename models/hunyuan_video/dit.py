@@ -90,10 +90,15 @@ class HunyuanVideoDiT(nn.Module):
         """img `[B, S, C_in*pt*ph*pw]`, rope_cos/sin `[S, head_dim]`, txt `[B, L, text_dim]`,
         txt_mask `[B, L]` (valid tokens first), timestep `[B]` (sigma x 1000), pooled
         `[B, pooled_dim]`, guidance `[B]` (scale x 1000) -> `[B, S, C_out*pt*ph*pw]`."""
-        state = self.enter(img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance)
-        return self.leave(self.run_blocks(state))
+        s = self.enter(img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance)
+        # run_blocks' loop, here so that nothing holds the first block's input while the later
+        # blocks run (a Stream passed to run_blocks would keep it alive: one more [B, S, C]).
+        x, t, s = s.img, s.txt, replace(s, img=None, txt=None)
+        for block in self._blocks():
+            x, t = block(x, t, s.vec, s.cos, s.sin, s.txt_lens, self.attention, chunk=self.token_chunk)
+        return self.leave(replace(s, img=x))
 
-    # The stage contract (models/step_cache.py): forward = leave(run_blocks(enter(...))).
+    # The stage contract (models/step_cache.py): forward computes leave(run_blocks(enter(...))).
 
     def enter(self, img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance=None) -> "Stream":
         """forward's arguments -> the streams the first block takes (embeddings, text refiner)."""
@@ -111,9 +116,12 @@ class HunyuanVideoDiT(nn.Module):
     def run_blocks(self, s: "Stream", start: int = 0, stop: int | None = None) -> "Stream":
         """The double then single blocks ``[start:stop]`` on the streams."""
         x, t = s.img, s.txt
-        for block in (*self.double_blocks, *self.single_blocks)[start:stop]:
+        for block in self._blocks()[start:stop]:
             x, t = block(x, t, s.vec, s.cos, s.sin, s.txt_lens, self.attention, chunk=self.token_chunk)
         return replace(s, img=x, txt=t)
+
+    def _blocks(self) -> tuple[nn.Module, ...]:
+        return (*self.double_blocks, *self.single_blocks)
 
     def leave(self, s: "Stream") -> torch.Tensor:
         """The final layer on the image stream -> patch tokens `[B, S, C_out*pt*ph*pw]`."""

@@ -125,10 +125,15 @@ class WanDiT(KeepsFp32):
         -> velocity `[B, S, C_out*pt*ph*pw]` in patchify's layout, wide dtype.
 
         pooled and guidance are part of the family seam and unused: Wan has neither."""
-        state = self.enter(img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance)
-        return self.leave(self.run_blocks(state))
+        s = self.enter(img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance)
+        # run_blocks' loop, here so that nothing holds the first block's input while the later
+        # blocks run (a Stream passed to run_blocks would keep it alive: one more [B, S, C]).
+        x, s = s.img, replace(s, img=None)
+        for block in self.blocks:
+            x = block(x, s.e0, s.cos, s.sin, s.context, self.attention, chunk=self.token_chunk)
+        return self.leave(replace(s, img=x))
 
-    # The stage contract (models/step_cache.py): forward = leave(run_blocks(enter(...))).
+    # The stage contract (models/step_cache.py): forward computes leave(run_blocks(enter(...))).
 
     def enter(self, img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled=None, guidance=None) -> "Stream":
         """forward's arguments -> what the first block takes (patch, time and text embeddings)."""
