@@ -3,8 +3,9 @@
 Both caches run the DiT as its three stages (the stage contract every family's DiT keeps):
 ``state = dit.enter(img, rope_cos, rope_sin, txt, txt_mask, timestep, pooled, guidance)``,
 ``state = dit.run_blocks(state, start, stop)`` (blocks ``[start:stop]``, stop None = to the end),
-``tokens = dit.leave(state)``; ``forward`` is exactly their composition, so a step the cache computes
-is bit-identical to an uncached one. ``state.img`` is the image stream `[B, S, C]` (S a shard under
+``tokens = dit.leave(state)``; ``forward`` runs the same operations in the same order (its loop
+inline, so that no state keeps the first block's input alive), so a step the cache computes is
+bit-identical to an uncached one. ``state.img`` is the image stream `[B, S, C]` (S a shard under
 sequence parallel); a frozen dataclass, so ``dataclasses.replace(state, img=...)`` gives a new one.
 
 - TeaCache: the signal is ``dit.tea_signal(state)`` (HunyuanVideo: the first block's modulated image
