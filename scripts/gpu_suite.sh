@@ -7,7 +7,8 @@
 set -uo pipefail
 GPU_SCRIPT=gpu_suite source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi -L
-# SIGINT at the limit: pytest then stops like a Ctrl-C and still prints which tests failed.
+# SIGINT at the limit: pytest then stops like a Ctrl-C and still prints which tests failed. The
+# default 500 s (+30 s to finish) leaves the 10-minute command time to install the carried wheels.
 timeout -s INT -k 30 "${SUITE_TIMEOUT:-500}" python3 -m pytest -q -rfEs -m "not slurm" -p no:cacheprovider --durations=10 "${@:-tests}" \
   > "$OUT/suite.log" 2>&1
 rc=$?
